@@ -1,0 +1,133 @@
+"""Build the demo's base CLIP: a small BPE tokenizer and a tiny CLIP pretrained on the source domain.
+
+    python scripts/pretrain_base.py --out recipes/assets/demo-clip
+
+The result is a standard Hugging Face folder (config.json, model.safetensors, tokenizer files,
+preprocessor config) that loads with `CLIPModel.from_pretrained` / `CLIPProcessor.from_pretrained`,
+exactly like a hub checkpoint. It plays the part of "zero-shot CLIP" in the offline demo: good on the
+source domain it was trained on, poor on the shifted target domain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+from tokenizers import pre_tokenizers, trainers
+from tqdm.auto import tqdm
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+from data_tools.synthetic import all_caption_text, generate_domain
+from finetune.losses import ClipInfoNCE
+
+SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> CLIPTokenizer:
+    """A byte-level BPE with CLIP's exact normalizer, pre-tokenizer and `</w>` word ends."""
+    empty = CLIPTokenizer()  # carries CLIP's pipeline; we only learn vocab + merges
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        end_of_word_suffix="</w>",
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend = empty.backend_tokenizer
+    backend.train_from_iterator(texts, trainer)
+    model = json.loads(backend.to_str())["model"]
+    return CLIPTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], model_max_length=32)
+
+
+def tiny_clip_config(vocab_size: int, image_size: int, width: int, layers: int, patch_size: int = 8) -> CLIPConfig:
+    return CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=width,
+            intermediate_size=width * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=width,
+            intermediate_size=width * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=patch_size,
+        ),
+        projection_dim=width,
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="recipes/assets/demo-clip")
+    parser.add_argument("--images", type=int, default=6000, help="source-domain training images")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--patch-size", type=int, default=8)
+    parser.add_argument("--vocab-size", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+
+    tokenizer = train_tokenizer(all_caption_text(seed=args.seed), args.vocab_size)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": args.image_size}, crop_size={"height": args.image_size, "width": args.image_size}
+    )
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model = CLIPModel(tiny_clip_config(len(tokenizer), args.image_size, args.width, args.layers, args.patch_size))
+
+    data = generate_domain("source", args.images, captions_per_image=3, image_size=args.image_size, seed=args.seed + 1000)
+    pixels = image_processor(images=data["image"], return_tensors="pt")["pixel_values"]  # (N, 3, H, W)
+    flat = [c for caps in data["caption"] for c in caps]
+    tokens = tokenizer(flat, padding=True, max_length=32, truncation=True, return_tensors="pt")
+    ids = tokens["input_ids"].view(args.images, 3, -1)  # (N, 3, L)
+    mask = tokens["attention_mask"].view(args.images, 3, -1)
+
+    loss_fn = ClipInfoNCE(gather_across_processes=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    rng = np.random.default_rng(args.seed)
+    started = time.time()
+    model.train()
+    for _ in (bar := tqdm(range(args.steps), desc="pretrain (source)")):
+        rows = torch.from_numpy(rng.choice(args.images, size=args.batch_size, replace=False))
+        pick = torch.from_numpy(rng.integers(0, 3, size=args.batch_size))
+        out = model(pixel_values=pixels[rows], input_ids=ids[rows, pick], attention_mask=mask[rows, pick])
+        loss = loss_fn(out.image_embeds, out.text_embeds, model.logit_scale, rows)["contrastive"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    image_processor.save_pretrained(out_dir)  # preprocessor_config.json, for loaders that look there
+    print(json.dumps({"out": str(out_dir), "seconds": round(time.time() - started, 1), "final_loss": loss.item()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
