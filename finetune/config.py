@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -197,6 +198,12 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         default="no", description="bf16 works on CPU and recent GPUs; fp16 needs a GPU."
     )
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def yaml_no_is_false(cls, value):
+        # YAML 1.1 reads a bare `no` as False; accept it for the key users type most.
+        return "no" if value is False else value
+
     enable_gradient_checkpointing: bool = Field(default=False, description="Less memory, ~30% slower steps.")
     log_every_steps: int = Field(default=10, gt=0)
     checkpoint_every_steps: int | None = Field(default=None, gt=0, description="null = only the final checkpoint.")

@@ -21,56 +21,11 @@ if __package__ in (None, ""):
 
 import numpy as np
 import torch
-from tokenizers import pre_tokenizers, trainers
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from data_tools.synthetic import all_caption_text, generate_domain
 from finetune.losses import ClipInfoNCE
-
-SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
-
-
-def train_tokenizer(texts: list[str], vocab_size: int) -> CLIPTokenizer:
-    """A byte-level BPE with CLIP's exact normalizer, pre-tokenizer and `</w>` word ends."""
-    empty = CLIPTokenizer()  # carries CLIP's pipeline; we only learn vocab + merges
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        end_of_word_suffix="</w>",
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend = empty.backend_tokenizer
-    backend.train_from_iterator(texts, trainer)
-    model = json.loads(backend.to_str())["model"]
-    return CLIPTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], model_max_length=32)
-
-
-def tiny_clip_config(vocab_size: int, image_size: int, width: int, layers: int, patch_size: int = 8) -> CLIPConfig:
-    return CLIPConfig(
-        text_config=dict(
-            vocab_size=vocab_size,
-            hidden_size=width,
-            intermediate_size=width * 2,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            max_position_embeddings=32,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        ),
-        vision_config=dict(
-            hidden_size=width,
-            intermediate_size=width * 2,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            image_size=image_size,
-            patch_size=patch_size,
-        ),
-        projection_dim=width,
-    )
-
+from finetune.tiny_clip import build_tiny_clip, save_clip_folder
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,12 +43,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
 
-    tokenizer = train_tokenizer(all_caption_text(seed=args.seed), args.vocab_size)
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": args.image_size}, crop_size={"height": args.image_size, "width": args.image_size}
+    model, processor = build_tiny_clip(
+        all_caption_text(seed=args.seed),
+        vocab_size=args.vocab_size,
+        image_size=args.image_size,
+        width=args.width,
+        layers=args.layers,
+        patch_size=args.patch_size,
     )
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    model = CLIPModel(tiny_clip_config(len(tokenizer), args.image_size, args.width, args.layers, args.patch_size))
+    image_processor, tokenizer = processor.image_processor, processor.tokenizer
 
     data = generate_domain("source", args.images, captions_per_image=3, image_size=args.image_size, seed=args.seed + 1000)
     pixels = image_processor(images=data["image"], return_tensors="pt")["pixel_values"]  # (N, 3, H, W)
@@ -120,11 +78,7 @@ def main(argv=None) -> int:
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    image_processor.save_pretrained(out_dir)  # preprocessor_config.json, for loaders that look there
+    out_dir = save_clip_folder(model, processor, args.out)
     print(json.dumps({"out": str(out_dir), "seconds": round(time.time() - started, 1), "final_loss": loss.item()}))
     return 0
 

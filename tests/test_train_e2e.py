@@ -1,0 +1,196 @@
+"""The real entry point (`finetune/train.py` main) on every recipe, pointed at local tiny stand-ins
+through overrides: the same `from_pretrained(path)` / `load_dataset(path)` code a hub id takes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import CLIPModel
+
+from finetune import train
+from finetune.checkpoint import latest_checkpoint, read_trainer_state
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["train.batch_size=8", "eval.batch_size=64", "train.log_every_steps=1", "data.num_workers=0"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def demo_overrides(tiny_clip_dir, out: Path, steps: int = 4) -> list[str]:
+    return [
+        f"model.name_or_path={tiny_clip_dir}",
+        f"train.output_dir={out}",
+        f"train.max_steps={steps}",
+        "train.checkpoint_every_steps=2",
+        "data.train.synthetic.num_images=24",
+        "data.eval.target.synthetic.num_images=12",
+        "data.eval.source.synthetic.num_images=12",
+        "optim.warmup_steps=1",
+        *SMALL,
+    ]
+
+
+def assert_run_artifacts(out: Path, sets: set[str], steps: int) -> dict:
+    assert (out / "config.yaml").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "README.md").read_text().count("zero-shot") >= 1
+    ckpt = latest_checkpoint(out / "checkpoints")
+    assert ckpt is not None and read_trainer_state(ckpt)["step"] == steps
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert set(results) == {"zero_shot", "adapted"}
+    for phase in results.values():
+        assert set(phase) == sets
+        for directions in phase.values():
+            assert set(directions) == {"t2i", "i2t"}
+            for metrics in directions.values():
+                assert set(metrics) == {"R@1", "R@5", "R@10", "mean_rank", "median_rank"}
+                assert 0.0 <= metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"] <= 100.0
+    assert (out / "eval" / "results.md").read_text().startswith("# Retrieval")
+    assert (out / "eval" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "contrastive" in r] == list(range(1, steps + 1))
+    return results
+
+
+def test_demo_recipe_end_to_end(tiny_clip_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, out)]) == 0
+    assert_run_artifacts(out, {"target", "source"}, steps=4)
+    assert "| target | t2i       | R@1" in capsys.readouterr().out
+    # the saved adapter loads through plain PEFT
+    model = PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_dir), out / "adapter")
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_medical_recipe_on_local_roco_standin(tiny_clip_dir, roco_like_dir, tmp_path):
+    out = tmp_path / "med"
+    overrides = [
+        f"model.name_or_path={tiny_clip_dir}",
+        f"data.train.path={roco_like_dir}",
+        f"data.eval.target.path={roco_like_dir}",
+        f"train.output_dir={out}",
+        "train.epochs=null",
+        "train.max_steps=3",
+        "train.mixed_precision=bf16",  # the recipe's own precision, on CPU
+        "data.max_text_length=32",
+        "eval.every_steps=2",
+        "lora.vision.rank=8",
+        *SMALL,
+    ]
+    assert train.main(["recipes/medical.yaml", *overrides]) == 0
+    results = assert_run_artifacts(out, {"target"}, steps=3)
+    assert results["adapted"]["target"]["t2i"]["R@10"] > 0
+    evals = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert any("eval" in r and r["step"] == 2 for r in evals)
+
+
+def test_fashion_recipe_on_local_standin(tiny_clip_dir, fashion_like_dir, tmp_path):
+    out = tmp_path / "fashion"
+    overrides = [
+        f"model.name_or_path={tiny_clip_dir}",
+        f"data.train.path={fashion_like_dir}",
+        f"data.eval.target.path={fashion_like_dir}",
+        f"train.output_dir={out}",
+        "train.epochs=null",
+        "train.max_steps=2",
+        "train.mixed_precision=no",
+        "data.max_text_length=32",
+        *SMALL,
+    ]
+    assert train.main(["recipes/fashion.yaml", *overrides]) == 0
+    assert_run_artifacts(out, {"target"}, steps=2)
+
+
+def trainable_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(latest_checkpoint(out / "checkpoints") / "trainable_0.safetensors")
+
+
+class SimulatedKill(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_clip_dir, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, full, steps=6)]) == 0
+    AcceleratorState._reset_state(True)
+
+    # Die right after the step-2 checkpoint, leaving a half-written step-4 folder behind.
+    cut = tmp_path / "cut"
+    real_save = train.save_checkpoint
+
+    def save_then_die(accelerator, root, step, state, keep_last):
+        path = real_save(accelerator, root, step, state, keep_last)
+        (Path(root) / ".tmp-step-00000004").mkdir()
+        (Path(root) / ".tmp-step-00000004" / "trainable_0.safetensors").write_bytes(b"half written")
+        raise SimulatedKill(step)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(SimulatedKill):
+        train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=6)])
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    AcceleratorState._reset_state(True)
+    assert latest_checkpoint(cut / "checkpoints").name == "step-00000002"
+
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=6), "train.resume_from=latest"]) == 0
+    assert not (cut / "checkpoints" / ".tmp-step-00000004").exists()
+    assert read_trainer_state(latest_checkpoint(cut / "checkpoints"))["step"] == 6
+    a, b = trainable_tensors(full), trainable_tensors(cut)
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    # the resumed run's log continues at step 3, not from 1
+    steps = [json.loads(l)["step"] for l in (cut / "train_log.jsonl").read_text().splitlines() if "contrastive" in l]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_bad_recipe_exits_nonzero_with_all_problems(tiny_clip_dir, tmp_path, capsys):
+    code = train.main(
+        ["recipes/demo.yaml", "lora.vision.rnak=4", "optim.lr=fast", "model.name_or_path=./does/not/exist", f"train.output_dir={tmp_path}/x"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "lora.vision.rnak: unknown key; did you mean 'lora.vision.rank'?" in err
+    assert "optim.lr:" in err and "model.name_or_path: path does not exist: ./does/not/exist" in err
+    assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_unloadable_hub_id_offline_names_key(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = train.main(["recipes/demo.yaml", "model.name_or_path=no-such-org/no-such-clip", f"train.output_dir={tmp_path}/o"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "model.name_or_path" in err and "no-such-org/no-such-clip" in err and "offline" in err
+
+
+def test_target_modules_matching_nothing_fails_loudly(tiny_clip_dir, tmp_path, capsys):
+    code = train.main(
+        ["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, tmp_path / "r"), "lora.text.target_modules=[query]"]
+    )
+    assert code == 2
+    assert "lora.text.target_modules: ['query'] match no Linear layer" in capsys.readouterr().err
+
+
+def test_script_runs_as_a_file(tiny_clip_dir, tmp_path):
+    """`python finetune/train.py recipe ...` (what `accelerate launch` executes) works from the repo root."""
+    out = tmp_path / "script"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "finetune/train.py", "recipes/demo.yaml", *demo_overrides(tiny_clip_dir, out, steps=2)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
