@@ -162,16 +162,15 @@ class LossConfig(Section):
     gather_across_processes: bool = Field(
         default=True, description="Use every process's batch as negatives (the global batch), as CLIP does."
     )
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
 class OptimConfig(Section):
     lr: float = Field(default=1e-4, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(default=0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = Field(default=1e-6, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW decoupled decay on LoRA weights (not the logit scale).")
+    betas: tuple[float, float] = Field(default=(0.9, 0.98), description="AdamW betas; CLIP uses beta2=0.98.")
+    eps: float = Field(default=1e-6, gt=0, description="AdamW epsilon.")
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="Clip the global gradient norm; null = off.")
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Decay after warmup.")
     warmup_steps: int | None = Field(default=None, ge=0, description="Linear warmup in optimizer steps.")
     warmup_ratio: float | None = Field(default=None, ge=0, lt=1, description="Warmup as a fraction of max steps.")
 
@@ -184,7 +183,7 @@ class OptimConfig(Section):
 
 class TrainConfig(Section):
     output_dir: str = Field(default="runs/default", description="Everything a run writes goes here.")
-    seed: int = 0
+    seed: int = Field(default=0, description="Seeds model init of LoRA, data order and dropout.")
     batch_size: int = Field(
         default=64, gt=0, description="Per process. Contrastive negatives = batch_size x processes."
     )
@@ -205,9 +204,9 @@ class TrainConfig(Section):
         return "no" if value is False else value
 
     enable_gradient_checkpointing: bool = Field(default=False, description="Less memory, ~30% slower steps.")
-    log_every_steps: int = Field(default=10, gt=0)
+    log_every_steps: int = Field(default=10, gt=0, description="Write loss, lr and logit scale to train_log.jsonl.")
     checkpoint_every_steps: int | None = Field(default=None, gt=0, description="null = only the final checkpoint.")
-    keep_last_checkpoints: int = Field(default=2, gt=0)
+    keep_last_checkpoints: int = Field(default=2, gt=0, description="Older complete checkpoints are deleted.")
     resume_from: str | None = Field(default=None, description="`latest` or a checkpoint folder.")
 
     @model_validator(mode="after")
@@ -224,7 +223,7 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    batch_size: int = Field(default=256, gt=0)
+    batch_size: int = Field(default=256, gt=0, description="Images or captions embedded per forward pass.")
     every_steps: int | None = Field(default=None, gt=0, description="Evaluate the target set during training.")
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1, description="Recall@K cut-offs.")
     zero_shot: bool = Field(default=True, description="Measure the unadapted model first (the baseline).")
@@ -236,7 +235,9 @@ class RecipeConfig(Section):
     data: DataConfig
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    # A dict, not TrainConfig(): the default is invalid (no max_steps/epochs), and validating it here
+    # reports that as `train: ...` next to every other problem instead of aborting the whole recipe.
+    train: TrainConfig = Field(default_factory=dict)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")

@@ -1,0 +1,90 @@
+"""Print the recipe reference (every key, type, default, meaning) as markdown, from the schema itself.
+
+    python scripts/recipe_reference.py            # print
+    python scripts/recipe_reference.py --check README.md   # exit 1 if the README's copy is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from finetune.config import RecipeConfig
+
+BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
+
+
+def _type_name(annotation) -> str:
+    text = str(annotation) if not isinstance(annotation, type) else annotation.__name__
+    return (
+        text.replace("typing.", "").replace("finetune.config.", "").replace("NoneType", "null")
+        .replace("Annotated[str, AfterValidator(func=<function _existing_if_local at", "path|hub id").split(" 0x")[0]
+    )
+
+
+def _nested_model(annotation) -> type[BaseModel] | None:
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def rows(model: type[BaseModel], prefix: str = "", seen: dict | None = None) -> list[str]:
+    seen = {} if seen is None else seen
+    out = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        nested = _nested_model(field.annotation)
+        if nested is not None and nested in seen:
+            optional = " (optional)" if field.default is None else ""
+            out.append(f"| `{key}.*` | section{optional} | | same keys as `{seen[nested]}.*`. {field.description or ''} |")
+            continue
+        if nested is not None:
+            seen[nested] = key
+            out.extend(rows(nested, key + ".", seen))
+            continue
+        if field.default is not PydanticUndefined:
+            default = f"`{field.default!r}`".replace("None", "null")
+        elif field.default_factory is not None:
+            default = f"`{field.default_factory()!r}`"
+        else:
+            default = "**required**"
+        type_name = "path or hub id" if "_existing_if_local" in str(field.annotation) else _type_name(field.annotation)
+        out.append(f"| `{key}` | {type_name.replace('|', ' or ')} | {default} | {field.description or ''} |")
+    return out
+
+
+def reference() -> str:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|", *rows(RecipeConfig)]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", metavar="README", help="fail if this file's reference block differs")
+    args = parser.parse_args(argv)
+    table = reference()
+    if args.check:
+        text = Path(args.check).read_text()
+        if BEGIN not in text or END not in text:
+            print(f"{args.check}: no {BEGIN} ... {END} block", file=sys.stderr)
+            return 1
+        current = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+        if current != table:
+            print(f"{args.check}: recipe reference is stale; regenerate with python scripts/recipe_reference.py", file=sys.stderr)
+            return 1
+        return 0
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
