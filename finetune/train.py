@@ -190,7 +190,7 @@ def run(cfg: RecipeConfig) -> int:
     if cfg.train.enable_gradient_checkpointing:
         model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for tower, n in trainable_parameters_by_tower(model).items():
-        if n["total"]:
+        if n["trainable"] or tower != "shared":
             log(f"Trainable {tower:>6}: {n['trainable']:,} / {n['total']:,} ({100 * n['trainable'] / n['total']:.2f}%)")
 
     loss_fn = ClipInfoNCE(gather_across_processes=cfg.loss.gather_across_processes)
