@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -136,11 +137,34 @@ def main(argv=None) -> int:
         return 2
 
 
+def several_processes_on_cpu() -> bool:
+    """Launched as N>1 processes (torchrun / `accelerate launch --multi_gpu`) on a machine without CUDA.
+
+    Accelerate then needs `cpu=True` to form a gloo process group; without it every process would
+    silently train alone on the whole dataset.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def warn_if_cpu_processes_were_dropped(accelerator: Accelerator) -> None:
+    # `accelerate launch --cpu --num_processes N` without an MPI hostfile starts ONE process.
+    asked = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ
+    if asked and accelerator.num_processes == 1:
+        accelerator.print(
+            "warning: `accelerate launch --cpu --num_processes N` started a single process (Accelerate only "
+            "spawns several CPU processes through mpirun). For N CPU processes use "
+            "`accelerate launch --multi_gpu --num_processes N finetune/train.py ...` or "
+            "`torchrun --nproc_per_node N finetune/train.py ...`. Continuing with 1 process."
+        )
+
+
 def run(cfg: RecipeConfig) -> int:
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        cpu=several_processes_on_cpu(),
     )
+    warn_if_cpu_processes_were_dropped(accelerator)
     set_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
     ckpt_root = out / "checkpoints"

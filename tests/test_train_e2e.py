@@ -194,3 +194,37 @@ def test_script_runs_as_a_file(tiny_clip_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_two_processes_equal_one_process_with_the_global_batch(tiny_clip_dir, tmp_path):
+    """2 CPU processes x batch 8, features gathered before the loss == 1 process x batch 16.
+
+    Same pairs per step (Accelerate deals consecutive batches to ranks), same negatives, and the
+    gather's backward + DDP averaging give the full-batch gradient: the weights must agree.
+    """
+    common = [
+        "recipes/demo.yaml",
+        f"model.name_or_path={tiny_clip_dir}",
+        "train.max_steps=3",
+        "train.checkpoint_every_steps=null",
+        "data.train.synthetic.num_images=40",
+        "data.eval.target.synthetic.num_images=8",
+        "data.eval.source.synthetic.num_images=8",
+        "eval.zero_shot=false",
+        "data.num_workers=0",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517"]
+    proc = subprocess.run(
+        [*launch, "finetune/train.py", *common, "train.batch_size=8", f"train.output_dir={tmp_path / 'two'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Trainable vision") == 1  # one main process logs
+    assert train.main([*common, "train.batch_size=16", f"train.output_dir={tmp_path / 'one'}"]) == 0
+
+    two, one = trainable_tensors(tmp_path / "two"), trainable_tensors(tmp_path / "one")
+    assert two.keys() == one.keys()
+    assert max(one[k].abs().max() for k in one if "lora_B" in k) > 0  # the adapters did train
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6, msg=name)
