@@ -228,3 +228,68 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_clip_dir, tm
     assert max(one[k].abs().max() for k in one if "lora_B" in k) > 0  # the adapters did train
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_corrupt_images_are_skipped_and_counted(tiny_clip_dir, tmp_path, capsys):
+    import datasets
+
+    from data_tools.synthetic import generate_domain
+
+    cols = generate_domain("target", 20, image_size=32, seed=5)
+    images = [{"bytes": None, "path": None} for _ in cols["image"]]
+    for i, img in enumerate(cols["image"]):
+        import io
+
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        images[i] = {"bytes": buf.getvalue() if i % 5 else b"not an image", "path": None}  # 4 corrupt
+    ds = datasets.Dataset.from_dict(
+        {"image": images, "caption": [c[0] for c in cols["caption"]]},
+        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}),
+    )
+    data = tmp_path / "data"
+    data.mkdir()
+    ds.to_parquet(str(data / "train-00000-of-00001.parquet"))
+    out = tmp_path / "run"
+    code = train.main(
+        [
+            "recipes/demo.yaml",
+            f"model.name_or_path={tiny_clip_dir}",
+            "data.train.synthetic=null",
+            f"data.train.path={tmp_path}",
+            "data.eval.target.synthetic=null",
+            f"data.eval.target.path={tmp_path}",
+            "data.eval.source=null",
+            f"train.output_dir={out}",
+            "train.max_steps=2",
+            "train.batch_size=10",
+            "data.num_workers=0",
+            "eval.ks=[1,15,16]",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Skipped unreadable images: train 4, eval {'target': 4}" in printed
+    results = json.loads((out / "eval" / "results.json").read_text())
+    # 16 readable images remain: every caption's image is within the top 16, not always the top 15
+    assert results["adapted"]["target"]["t2i"]["R@16"] == 100.0
+    assert results["adapted"]["target"]["t2i"]["mean_rank"] <= 16.0
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tiny_clip_dir, tmp_path, monkeypatch, capsys):
+    from finetune.losses import ClipInfoNCE
+
+    def nan_loss(self, *args, **kwargs):
+        return {"contrastive": torch.tensor(float("nan"), requires_grad=True)}
+
+    monkeypatch.setattr(ClipInfoNCE, "forward", nan_loss)
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, tmp_path / "nan")]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 1" in err and "contrastive=nan" in err
+    assert not (tmp_path / "nan" / "adapter").exists()
+
+
+def test_adapters_without_gradient_stop_after_the_first_step(tiny_clip_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "lora_gradient_report", lambda model: {"vision": True, "text": False})
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, tmp_path / "dead")]) == 2
+    assert "LoRA adapters in the text tower(s) got no gradient after the first step" in capsys.readouterr().err

@@ -1,0 +1,49 @@
+"""The shipped demo base model is a standard Hugging Face CLIP folder, small, and good at its source domain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, CLIPTokenizerFast
+
+from data_tools.loading import RetrievalSet, load_image_text_dataset
+from finetune.evaluate import evaluate_retrieval
+
+DEMO = Path(__file__).resolve().parents[1] / "recipes" / "assets" / "demo-clip"
+
+
+def test_demo_folder_is_small_and_standard():
+    names = {p.name for p in DEMO.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"} <= names
+    assert sum(p.stat().st_size for p in DEMO.iterdir()) <= 10 * 1024 * 1024
+
+
+def test_demo_folder_loads_with_the_real_classes():
+    model = CLIPModel.from_pretrained(DEMO)
+    processor = CLIPProcessor.from_pretrained(DEMO)
+    assert isinstance(AutoProcessor.from_pretrained(DEMO), CLIPProcessor)
+    for cls in (CLIPTokenizer, CLIPTokenizerFast):
+        tok = cls.from_pretrained(DEMO)
+        ids = tok("a large red circle in the top left")["input_ids"]
+        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+        assert tok.unk_token_id not in ids[1:-1]  # the BPE covers the domain's words (unk == eos in CLIP)
+        assert tok.decode(ids, skip_special_tokens=True) == "a large red circle in the top left"
+    pixels = processor.image_processor(images=[torch.zeros(3, 40, 50).numpy().transpose(1, 2, 0)], return_tensors="pt")
+    assert pixels["pixel_values"].shape == (1, 3, model.config.vision_config.image_size, model.config.vision_config.image_size)
+
+
+def test_demo_base_knows_the_source_and_not_the_target():
+    """What makes the demo meaningful: strong zero-shot on the source, poor on the shifted target."""
+    model = CLIPModel.from_pretrained(DEMO)
+    processor = CLIPProcessor.from_pretrained(DEMO)
+    sets = {
+        domain: RetrievalSet.from_pairs(
+            load_image_text_dataset(key=f"data.eval.{domain}", synthetic=dict(domain=domain, num_images=100, seed=7))
+        )
+        for domain in ("source", "target")
+    }
+    results, _ = evaluate_retrieval(model, processor, sets, batch_size=100, max_text_length=32)
+    assert results["source"]["t2i"]["R@5"] > 80.0
+    assert results["target"]["t2i"]["R@5"] < 20.0
