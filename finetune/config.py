@@ -327,7 +327,9 @@ def describe_errors(error: ValidationError) -> list[str]:
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
             show_got = err["type"] != "value_error" and not isinstance(got, dict)
-            problems.append(f"{path}: {msg}" + (f", got {got!r}" if show_got else ""))
+            # Cross-field validators already name their keys ("set train.max_steps or ..."); don't prefix twice.
+            prefix = "" if msg.startswith(f"{path}.") else f"{path}: "
+            problems.append(f"{prefix}{msg}" + (f", got {got!r}" if show_got else ""))
     return problems
 
 

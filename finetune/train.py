@@ -59,13 +59,15 @@ class TrainingError(RuntimeError):
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A fresh permutation per epoch from (seed, epoch) alone, so a resumed run replays the same order."""
+    """A fresh permutation per epoch from (seed, epoch) alone, so a resumed run replays the same order.
+
+    The loop sets `epoch` itself. There is deliberately no `set_epoch`: Accelerate calls that with its
+    own pass counter, which restarts at 0 on the loader `skip_first_batches` returns, and a resumed
+    run would replay epoch 0's order.
+    """
 
     def __init__(self, num_rows: int, seed: int):
         self.num_rows, self.seed, self.epoch = num_rows, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -270,7 +272,7 @@ def run(cfg: RecipeConfig) -> int:
     started = time.time()
     model.train()
     while step < max_steps:
-        sampler.set_epoch(epoch)
+        sampler.epoch = epoch
         batches = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
         for batch in batches:
             batches_done += 1

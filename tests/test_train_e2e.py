@@ -124,37 +124,42 @@ class SimulatedKill(Exception):
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_clip_dir, tmp_path, monkeypatch):
+    # 24 images x 2 captions / batch 8 = 6 batches an epoch: the cut at step 8 lies inside epoch 1,
+    # so resuming must replay epoch 1's order and skip the 2 batches already seen.
     full = tmp_path / "full"
-    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, full, steps=6)]) == 0
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, full, steps=10)]) == 0
     AcceleratorState._reset_state(True)
 
-    # Die right after the step-2 checkpoint, leaving a half-written step-4 folder behind.
+    # Die right after the step-8 checkpoint, leaving a half-written step-10 folder behind.
     cut = tmp_path / "cut"
     real_save = train.save_checkpoint
 
     def save_then_die(accelerator, root, step, state, keep_last):
         path = real_save(accelerator, root, step, state, keep_last)
-        (Path(root) / ".tmp-step-00000004").mkdir()
-        (Path(root) / ".tmp-step-00000004" / "trainable_0.safetensors").write_bytes(b"half written")
-        raise SimulatedKill(step)
+        if step == 8:
+            (Path(root) / ".tmp-step-00000010").mkdir()
+            (Path(root) / ".tmp-step-00000010" / "trainable_0.safetensors").write_bytes(b"half written")
+            raise SimulatedKill(step)
+        return path
 
     monkeypatch.setattr(train, "save_checkpoint", save_then_die)
     with pytest.raises(SimulatedKill):
-        train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=6)])
+        train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10)])
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     AcceleratorState._reset_state(True)
-    assert latest_checkpoint(cut / "checkpoints").name == "step-00000002"
+    assert latest_checkpoint(cut / "checkpoints").name == "step-00000008"
+    assert read_trainer_state(latest_checkpoint(cut / "checkpoints"))["epoch"] == 1
 
-    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=6), "train.resume_from=latest"]) == 0
-    assert not (cut / "checkpoints" / ".tmp-step-00000004").exists()
-    assert read_trainer_state(latest_checkpoint(cut / "checkpoints"))["step"] == 6
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), "train.resume_from=latest"]) == 0
+    assert not (cut / "checkpoints" / ".tmp-step-00000010").exists()
+    assert read_trainer_state(latest_checkpoint(cut / "checkpoints"))["step"] == 10
     a, b = trainable_tensors(full), trainable_tensors(cut)
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
-    # the resumed run's log continues at step 3, not from 1
+    # the resumed run's log continues at step 9, not from 1
     steps = [json.loads(l)["step"] for l in (cut / "train_log.jsonl").read_text().splitlines() if "contrastive" in l]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    assert steps == list(range(1, 11))
 
 
 def test_bad_recipe_exits_nonzero_with_all_problems(tiny_clip_dir, tmp_path, capsys):
