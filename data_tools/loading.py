@@ -170,7 +170,7 @@ class RetrievalSet:
         _, first_row = np.unique(index, return_index=True)
         remap = {int(index[r]): k for k, r in enumerate(sorted(first_row))}
         rows = sorted(first_row.tolist())
-        images = [pairs[int(r)]["image"] for r in rows]
+        images = pairs.select(rows)["image"]  # one columnar read, not a row fetch per image
         return cls(
             images=images,
             captions=list(pairs["caption"]),

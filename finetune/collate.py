@@ -13,8 +13,7 @@ class ImageTextCollator:
     """rows [{"image", "caption", "image_index"}] -> batch dict of tensors (plus `corrupt_images`)."""
 
     def __init__(self, processor: CLIPProcessor, max_text_length: int):
-        self.image_processor = processor.image_processor
-        self.tokenizer = processor.tokenizer
+        self.processor = processor
         self.max_text_length = max_text_length
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -28,14 +27,18 @@ class ImageTextCollator:
             index.append(row["image_index"])
         batch = {"corrupt_images": torch.tensor(len(rows) - len(images)), "image_index": torch.tensor(index)}
         if images:
-            batch["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            tokens = self.tokenizer(
-                captions, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
-            )
-            batch["input_ids"] = tokens["input_ids"]
+            batch["pixel_values"] = preprocess_images(self.processor, images)  # (B, 3, H, W)
+            tokens = encode_captions(self.processor, captions, self.max_text_length)
+            batch["input_ids"] = tokens["input_ids"]  # (B, L), L = longest caption in the batch
             batch["attention_mask"] = tokens["attention_mask"]
         return batch
 
 
+def preprocess_images(processor: CLIPProcessor, images: list) -> torch.Tensor:
+    """Resize, crop and normalise exactly as the checkpoint's image processor says."""
+    return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
 def encode_captions(processor: CLIPProcessor, captions: list[str], max_text_length: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest caption (not to max length: most captions are short), truncate at the limit."""
     return processor.tokenizer(captions, padding=True, truncation=True, max_length=max_text_length, return_tensors="pt")

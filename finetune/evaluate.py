@@ -13,7 +13,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from data_tools.loading import RetrievalSet, decode_image
-from finetune.collate import encode_captions
+from finetune.collate import encode_captions, preprocess_images
 from finetune.metrics import retrieval_metrics
 from finetune.model import encode_images, encode_texts
 
@@ -59,7 +59,7 @@ def embed_retrieval_set(
         valid.extend(img is not None for img in decoded)
         good = [img for img in decoded if img is not None]
         if good:
-            pixels = processor.image_processor(images=good, return_tensors="pt")["pixel_values"].to(device)
+            pixels = preprocess_images(processor, good).to(device)
             with _autocast(accelerator):
                 image_chunks.append(encode_images(model, pixels).float().cpu())
 
