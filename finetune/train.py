@@ -21,6 +21,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python finetune/train.py` / `accelerate launch finetune/train.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import warnings
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -52,6 +54,10 @@ from finetune.model import (
     lora_gradient_report,
     trainable_parameters_by_tower,
 )
+
+
+# peft asks transformers for a renamed attribute on every wrap; the notice is theirs, not the user's.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
 
 class TrainingError(RuntimeError):
