@@ -177,6 +177,12 @@ def run(cfg: RecipeConfig) -> int:
     out = Path(cfg.train.output_dir)
     ckpt_root = out / "checkpoints"
     log = accelerator.print
+    if cfg.train.resume_from is None and latest_checkpoint(ckpt_root) is not None:
+        # Never mix two runs' checkpoints (and never let `latest` point into an older run).
+        raise TrainingError(
+            f"train.output_dir {out} already holds checkpoints of an earlier run: continue it with "
+            "train.resume_from=latest, or pick a new train.output_dir (or delete the folder)"
+        )
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -202,7 +208,7 @@ def run(cfg: RecipeConfig) -> int:
     results: dict = {}
     zero_shot_file = out / "eval" / "zero_shot.json"
     if cfg.eval.zero_shot:
-        if zero_shot_file.is_file():  # a resumed run keeps its baseline
+        if cfg.train.resume_from is not None and zero_shot_file.is_file():  # a resumed run keeps its baseline
             results["zero_shot"] = json.loads(zero_shot_file.read_text())
         else:
             model.to(accelerator.device)

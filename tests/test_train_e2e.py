@@ -298,3 +298,13 @@ def test_adapters_without_gradient_stop_after_the_first_step(tiny_clip_dir, tmp_
     monkeypatch.setattr(train, "lora_gradient_report", lambda model: {"vision": True, "text": False})
     assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, tmp_path / "dead")]) == 2
     assert "LoRA adapters in the text tower(s) got no gradient after the first step" in capsys.readouterr().err
+
+
+def test_a_fresh_run_never_reuses_an_older_runs_folder(tiny_clip_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, out, steps=2)]) == 0
+    AcceleratorState._reset_state(True)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, out, steps=2)]) == 2
+    assert "already holds checkpoints of an earlier run" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
