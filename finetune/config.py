@@ -195,7 +195,7 @@ class TrainConfig(Section):
     max_steps: int | None = Field(default=None, gt=0, description="Optimizer steps to run.")
     epochs: float | None = Field(default=None, gt=0, description="Alternative to max_steps.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        default="no", description="bf16 works on CPU and recent GPUs; fp16 needs a GPU."
+        default="no", description="bf16 on CPUs and recent GPUs; fp16 (with loss scaling) for GPUs without bf16."
     )
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -89,6 +89,7 @@ def test_medical_recipe_on_local_roco_standin(tiny_clip_dir, roco_like_dir, tmp_
         "data.max_text_length=32",
         "eval.every_steps=2",
         "lora.vision.rank=8",
+        "train.gradient_accumulation_steps=2",  # 48 pairs / 8 = 6 micro-batches = 3 optimizer steps
         *SMALL,
     ]
     assert train.main(["recipes/medical.yaml", *overrides]) == 0
@@ -108,6 +109,7 @@ def test_fashion_recipe_on_local_standin(tiny_clip_dir, fashion_like_dir, tmp_pa
         "train.epochs=null",
         "train.max_steps=2",
         "train.mixed_precision=no",
+        "train.enable_gradient_checkpointing=true",  # adapters must still get gradients (checked at step 1)
         "data.max_text_length=32",
         *SMALL,
     ]
