@@ -76,15 +76,22 @@ def test_demo_recipe_end_to_end(tiny_clip_dir, tmp_path, capsys):
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 
+def hub_standin_overrides(model_dir, data_dir, out: Path, steps: int) -> list[str]:
+    """Point a hub recipe's model and data at local folders; `epochs` gives way to a few steps."""
+    return [
+        f"model.name_or_path={model_dir}",
+        f"data.train.path={data_dir}",
+        f"data.eval.target.path={data_dir}",
+        f"train.output_dir={out}",
+        "train.epochs=null",
+        f"train.max_steps={steps}",
+    ]
+
+
 def test_medical_recipe_on_local_roco_standin(tiny_clip_dir, roco_like_dir, tmp_path):
     out = tmp_path / "med"
     overrides = [
-        f"model.name_or_path={tiny_clip_dir}",
-        f"data.train.path={roco_like_dir}",
-        f"data.eval.target.path={roco_like_dir}",
-        f"train.output_dir={out}",
-        "train.epochs=null",
-        "train.max_steps=3",
+        *hub_standin_overrides(tiny_clip_dir, roco_like_dir, out, steps=3),
         "train.mixed_precision=bf16",  # the recipe's own precision, on CPU
         "data.max_text_length=32",
         "eval.every_steps=2",
@@ -102,12 +109,7 @@ def test_medical_recipe_on_local_roco_standin(tiny_clip_dir, roco_like_dir, tmp_
 def test_fashion_recipe_on_local_standin(tiny_clip_dir, fashion_like_dir, tmp_path):
     out = tmp_path / "fashion"
     overrides = [
-        f"model.name_or_path={tiny_clip_dir}",
-        f"data.train.path={fashion_like_dir}",
-        f"data.eval.target.path={fashion_like_dir}",
-        f"train.output_dir={out}",
-        "train.epochs=null",
-        "train.max_steps=2",
+        *hub_standin_overrides(tiny_clip_dir, fashion_like_dir, out, steps=2),
         "train.mixed_precision=no",
         "train.enable_gradient_checkpointing=true",  # adapters must still get gradients (checked at step 1)
         "data.max_text_length=32",

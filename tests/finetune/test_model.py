@@ -294,6 +294,20 @@ def test_adapter_round_trips_through_plain_peft(clip, batch, tiny_clip_dir, tmp_
     assert_differs(trained_txt, base_txt)
 
 
+def assert_plain_peft_round_trip(peft_model, batch, base_dir, tmp_path, **differs_kwargs):
+    """save_pretrained -> PeftModel.from_pretrained(CLIPModel.from_pretrained(base)) gives the same
+    features as the trained model, and those differ from the base model's (so this can fail)."""
+    trained_img, trained_txt = features(peft_model, batch)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(CLIPModel.from_pretrained(base_dir), tmp_path / "adapter")
+    loaded_img, loaded_txt = features(loaded, batch)
+    torch.testing.assert_close(loaded_img, trained_img, atol=1e-6, rtol=0)
+    torch.testing.assert_close(loaded_txt, trained_txt, atol=1e-6, rtol=0)
+    base_img, base_txt = features(CLIPModel.from_pretrained(base_dir), batch)
+    assert_differs(trained_img, base_img, **differs_kwargs)
+    assert_differs(trained_txt, base_txt, **differs_kwargs)
+
+
 def test_trained_adapter_after_optimizer_steps_round_trips(clip, batch, tiny_clip_dir, tmp_path):
     model, _ = clip
     peft_model = add_lora(model, vision=TowerLora(rank=4), text=TowerLora(rank=2))
@@ -303,16 +317,7 @@ def test_trained_adapter_after_optimizer_steps_round_trips(clip, batch, tiny_cli
         contrastive_loss(peft_model, batch).backward()
         optimizer.step()
         optimizer.zero_grad()
-    trained_img, trained_txt = features(peft_model, batch)
-    peft_model.save_pretrained(tmp_path / "adapter")
-
-    loaded = PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_dir), tmp_path / "adapter")
-    loaded_img, loaded_txt = features(loaded, batch)
-    torch.testing.assert_close(loaded_img, trained_img, atol=1e-6, rtol=0)
-    torch.testing.assert_close(loaded_txt, trained_txt, atol=1e-6, rtol=0)
-    base_img, base_txt = features(CLIPModel.from_pretrained(tiny_clip_dir), batch)
-    assert_differs(trained_img, base_img, 1e-4)
-    assert_differs(trained_txt, base_txt, 1e-4)
+    assert_plain_peft_round_trip(peft_model, batch, tiny_clip_dir, tmp_path, min_gap=1e-4)
 
 
 def test_trained_projections_are_restored_by_plain_peft(clip, batch, tiny_clip_dir, tmp_path):
@@ -332,16 +337,7 @@ def test_trained_projections_are_restored_by_plain_peft(clip, batch, tiny_clip_d
     with torch.no_grad():
         for _, p in projection_params:
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    trained_img, trained_txt = features(peft_model, batch)
-    peft_model.save_pretrained(tmp_path / "adapter")
-
-    loaded = PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_dir), tmp_path / "adapter")
-    loaded_img, loaded_txt = features(loaded, batch)
-    torch.testing.assert_close(loaded_img, trained_img, atol=1e-6, rtol=0)
-    torch.testing.assert_close(loaded_txt, trained_txt, atol=1e-6, rtol=0)
-    base_img, base_txt = features(CLIPModel.from_pretrained(tiny_clip_dir), batch)
-    assert_differs(trained_img, base_img)
-    assert_differs(trained_txt, base_txt)
+    assert_plain_peft_round_trip(peft_model, batch, tiny_clip_dir, tmp_path)
 
 
 def test_merge_and_unload_keeps_the_features(clip, batch):
