@@ -58,10 +58,10 @@ Adapted for image-text retrieval with symmetric InfoNCE, LoRA on both towers.
 - projections trained: {cfg.model.train_projections}; logit scale trained: {cfg.model.train_logit_scale}
 
 ## Training
-{steps} optimizer steps, {cfg.train.batch_size} pairs per process x {num_processes} process(es)
-(contrastive negatives per step: {cfg.train.batch_size * num_processes - 1}), gradient accumulation
-{cfg.train.gradient_accumulation_steps}, lr {cfg.optim.lr:g} ({cfg.optim.scheduler}), mixed precision
-{cfg.train.mixed_precision}, {train_seconds:.0f} s. The full resolved recipe is `config.yaml`.
+{steps} optimizer steps of {cfg.train.batch_size} pairs per process x {num_processes} process(es), so
+{cfg.train.batch_size * num_processes - 1} in-batch negatives per pair; gradient accumulation
+{cfg.train.gradient_accumulation_steps}; lr {cfg.optim.lr:g} ({cfg.optim.scheduler}); mixed precision
+{cfg.train.mixed_precision}; {train_seconds:.0f} s of training. The full resolved recipe is `config.yaml`.
 
 ## Retrieval, zero-shot vs adapted
 R@K is the percentage of queries whose match is in the top K (text->image: the caption's image;

@@ -57,6 +57,12 @@ def load_clip(
     return model, processor
 
 
+def save_processor(processor: CLIPProcessor, out_dir) -> None:
+    """processor_config.json plus preprocessor_config.json, which older loaders look for."""
+    processor.save_pretrained(out_dir)
+    processor.image_processor.save_pretrained(out_dir)
+
+
 def tower_target_modules(model: CLIPModel, tower: str, settings: TowerLora) -> list[str]:
     """Full names of the Linear modules LoRA should wrap in one tower.
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from tokenizers import pre_tokenizers, trainers
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
+from finetune.model import save_processor
+
 SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
 
 
@@ -78,6 +80,5 @@ def save_clip_folder(model: CLIPModel, processor: CLIPProcessor, out_dir: str | 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    processor.image_processor.save_pretrained(out_dir)  # preprocessor_config.json, for loaders that look there
+    save_processor(processor, out_dir)
     return out_dir

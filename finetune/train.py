@@ -52,6 +52,7 @@ from finetune.model import (
     extra_trainable_state,
     load_clip,
     lora_gradient_report,
+    save_processor,
     trainable_parameters_by_tower,
 )
 
@@ -357,7 +358,7 @@ def run(cfg: RecipeConfig) -> int:
     if accelerator.is_main_process:
         adapter_dir = out / "adapter"
         unwrapped.save_pretrained(adapter_dir)
-        processor.save_pretrained(adapter_dir)
+        save_processor(processor, adapter_dir)
         extra = extra_trainable_state(unwrapped)
         if extra:
             save_file({k: v.cpu() for k, v in extra.items()}, adapter_dir / "extra_trainables.safetensors")
@@ -367,15 +368,16 @@ def run(cfg: RecipeConfig) -> int:
         log(f"Wrote {files['json']}, {files['md']}, {files['png']}")
         if corrupt_train_images or any(corrupt_eval.values()):
             log(f"Skipped unreadable images: train {corrupt_train_images}, eval {corrupt_eval}")
-        write_model_card(
-            out / "README.md",
-            cfg=cfg,
-            results_table=table,
-            trainable=trainable_parameters_by_tower(unwrapped),
-            steps=step,
-            train_seconds=train_seconds,
-            num_processes=accelerator.num_processes,
-        )
+        for card in (out / "README.md", adapter_dir / "README.md"):  # the adapter folder travels alone
+            write_model_card(
+                card,
+                cfg=cfg,
+                results_table=table,
+                trainable=trainable_parameters_by_tower(unwrapped),
+                steps=step,
+                train_seconds=train_seconds,
+                num_processes=accelerator.num_processes,
+            )
         log(f"Adapter: {adapter_dir}  (load with peft.PeftModel.from_pretrained(CLIPModel.from_pretrained(base), adapter))")
     accelerator.wait_for_everyone()
     accelerator.end_training()

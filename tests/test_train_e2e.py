@@ -312,3 +312,17 @@ def test_a_fresh_run_never_reuses_an_older_runs_folder(tiny_clip_dir, tmp_path, 
     assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, out, steps=2)]) == 2
     assert "already holds checkpoints of an earlier run" in capsys.readouterr().err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_adapter_folder_is_self_contained(tiny_clip_dir, tmp_path):
+    """What a user ships: adapter + processor + card, loadable without the run folder."""
+    from transformers import CLIPProcessor
+
+    out = tmp_path / "run"
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, out, steps=2)]) == 0
+    adapter = out / "adapter"
+    card = (adapter / "README.md").read_text()
+    assert "base_model: " in card and "| target | t2i" in card and "7 in-batch negatives per pair"  # batch 8, one process in card
+    assert (adapter / "preprocessor_config.json").is_file()
+    processor = CLIPProcessor.from_pretrained(adapter)
+    assert processor.tokenizer("a red circle")["input_ids"] == CLIPProcessor.from_pretrained(tiny_clip_dir).tokenizer("a red circle")["input_ids"]
