@@ -237,6 +237,12 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_clip_dir, tm
     assert max(one[k].abs().max() for k in one if "lora_B" in k) > 0  # the adapters did train
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6, msg=name)
+    # sharded evaluation (each process embeds half, gathered in order) scores like one process
+    r2 = json.loads((tmp_path / "two" / "eval" / "results.json").read_text())["adapted"]
+    r1 = json.loads((tmp_path / "one" / "eval" / "results.json").read_text())["adapted"]
+    for name in ("target", "source"):
+        for direction in ("t2i", "i2t"):
+            assert r2[name][direction] == pytest.approx(r1[name][direction]), (name, direction)
 
 
 def test_corrupt_images_are_skipped_and_counted(tiny_clip_dir, tmp_path, capsys):
@@ -326,3 +332,15 @@ def test_adapter_folder_is_self_contained(tiny_clip_dir, tmp_path):
     assert (adapter / "preprocessor_config.json").is_file()
     processor = CLIPProcessor.from_pretrained(adapter)
     assert processor.tokenizer("a red circle")["input_ids"] == CLIPProcessor.from_pretrained(tiny_clip_dir).tokenizer("a red circle")["input_ids"]
+
+
+def test_cpu_flag_with_several_processes_says_it_runs_one(tiny_clip_dir, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process; the run must say so, not hide it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--main_process_port", "29518",
+         "finetune/train.py", "recipes/demo.yaml", *demo_overrides(tiny_clip_dir, tmp_path / "cpu", steps=1)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "started a single process" in proc.stdout and "--multi_gpu --num_processes N" in proc.stdout
