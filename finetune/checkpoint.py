@@ -1,7 +1,7 @@
 """Checkpoints through Accelerate state, written atomically, keeping the last K.
 
-A checkpoint is first written to `checkpoints/.tmp-step-XXXXXXXX` and only renamed to
-`checkpoints/step-XXXXXXXX` once every file (model, optimizer, scheduler, RNG states and
+A checkpoint is first written to `checkpoints/.tmp-step-NNNNNNNN` and only renamed to
+`checkpoints/step-NNNNNNNN` once every file (model, optimizer, scheduler, RNG states and
 `trainer_state.json`) is on disk. A run killed mid-save leaves only a `.tmp-*` folder, which
 `latest_checkpoint` never returns and the next run deletes.
 
@@ -97,7 +97,7 @@ def remove_partial_checkpoints(root: str | os.PathLike) -> list[Path]:
 def save_checkpoint(
     accelerator: Accelerator, root: str | os.PathLike, step: int, trainer_state: dict, keep_last: int
 ) -> Path:
-    """Write Accelerate state + trainer_state.json atomically as root/step-XXXXXXXX; prune to `keep_last`."""
+    """Write Accelerate state + trainer_state.json atomically as root/step-NNNNNNNN; prune to `keep_last`."""
     root = Path(root)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
