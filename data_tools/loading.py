@@ -30,10 +30,11 @@ class DataLoadError(RuntimeError):
 
 
 def offline_note() -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or os.environ.get(
-        "HF_DATASETS_OFFLINE", ""
-    ).lower() in ("1", "true", "yes")
-    return " The machine is offline (HF_HUB_OFFLINE is set): only local folders and the cache can be used." if offline else ""
+    """A sentence to append to load errors when the Hugging Face offline switches are on (read at call time)."""
+    flags = [os.environ.get(name, "").lower() for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")]
+    if not any(flag in ("1", "true", "yes", "on") for flag in flags):
+        return ""
+    return " The machine is offline (HF_HUB_OFFLINE is set): only local folders and the cache can be used."
 
 
 def load_image_text_dataset(

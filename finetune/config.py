@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -289,22 +290,23 @@ def apply_override(tree: dict, keys: list[str], value: Any) -> None:
 
 def _schema_at(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns location `loc`, to suggest its field names."""
-    model: Any = RecipeConfig
+    model: type[BaseModel] | None = RecipeConfig
     for part in loc:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        if model is None:
             return None
         field = model.model_fields.get(str(part))
         if field is None:
             return None
-        model = _unwrap_model(field.annotation)
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+        model = section_type(field.annotation)
+    return model
 
 
-def _unwrap_model(annotation: Any) -> Any:
-    for arg in getattr(annotation, "__args__", ()) or ():
+def section_type(annotation: Any) -> type[BaseModel] | None:
+    """The section model behind a field's annotation (`LoraTowerConfig`, `DatasetSpec | None`), if any."""
+    for arg in (annotation, *typing.get_args(annotation)):
         if isinstance(arg, type) and issubclass(arg, BaseModel):
             return arg
-    return annotation
+    return None
 
 
 def describe_errors(error: ValidationError) -> list[str]:

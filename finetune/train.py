@@ -283,6 +283,7 @@ def run(cfg: RecipeConfig) -> int:
     checked_gradients = False
     progress = tqdm(total=max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     started = time.time()
+    logit_scale = accelerator.unwrap_model(model).base_model.model.logit_scale  # the parameter itself
     model.train()
     while step < max_steps:
         sampler.epoch = epoch
@@ -296,7 +297,6 @@ def run(cfg: RecipeConfig) -> int:
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
                 )
-                logit_scale = accelerator.unwrap_model(model).base_model.model.logit_scale
                 terms = loss_fn(outputs.image_embeds, outputs.text_embeds, logit_scale, batch["image_index"])
                 loss = sum(terms.values())
                 if not torch.isfinite(loss):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import typing
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -17,7 +16,7 @@ if __package__ in (None, ""):
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from finetune.config import RecipeConfig
+from finetune.config import RecipeConfig, section_type
 
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
 
@@ -26,15 +25,7 @@ def _type_name(annotation) -> str:
     text = str(annotation) if not isinstance(annotation, type) else annotation.__name__
     return (
         text.replace("typing.", "").replace("finetune.config.", "").replace("NoneType", "null")
-        .replace("Annotated[str, AfterValidator(func=<function _existing_if_local at", "path|hub id").split(" 0x")[0]
     )
-
-
-def _nested_model(annotation) -> type[BaseModel] | None:
-    for arg in (annotation, *typing.get_args(annotation)):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return None
 
 
 def rows(model: type[BaseModel], prefix: str = "", seen: dict | None = None) -> list[str]:
@@ -42,7 +33,7 @@ def rows(model: type[BaseModel], prefix: str = "", seen: dict | None = None) -> 
     out = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        nested = _nested_model(field.annotation)
+        nested = section_type(field.annotation)
         if nested is not None and nested in seen:
             optional = " (optional)" if field.default is None else ""
             out.append(f"| `{key}.*` | section{optional} | | same keys as `{seen[nested]}.*`. {field.description or ''} |")
