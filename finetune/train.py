@@ -227,7 +227,12 @@ def run(cfg: RecipeConfig) -> int:
         train_logit_scale=cfg.model.train_logit_scale,
     )
     if cfg.train.enable_gradient_checkpointing:
-        model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base = model.base_model.model
+        # Non-reentrant checkpointing lets gradients reach LoRA weights behind frozen embeddings.
+        if hasattr(base, "activation_checkpointing_enable"):  # the name newer transformers releases use
+            base.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for tower, n in trainable_parameters_by_tower(model).items():
         if n["trainable"] or tower != "shared":
             log(f"Trainable {tower:>6}: {n['trainable']:,} / {n['total']:,} ({100 * n['trainable'] / n['total']:.2f}%)")
