@@ -7,19 +7,29 @@ with one row per (image, caption) pair:
     image        undecoded image ({"bytes", "path"}); decoded lazily so a corrupt file is skipped
     caption      str
     image_index  int64, 0..N_images-1; rows sharing it are captions of the same image
+    source_row   int64, the row of the loaded split (after max_samples) the pair came from
+    image_id     str, the image_id_column's value, or the source row as a string
     label        str, only when a label column is configured
+
+`source_row` and `image_id` are stable: mining, indexing and search point back at the source with
+them, while `image_index` only numbers the images of this one load.
 
 Decoding happens in the collator (`decode_image`), which counts and skips images PIL cannot read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import datasets
 import numpy as np
+from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from PIL import Image, UnidentifiedImageError
 
 from data_tools.synthetic import generate_domain
@@ -29,12 +39,75 @@ class DataLoadError(RuntimeError):
     """A dataset could not be loaded or does not have the configured columns."""
 
 
-def offline_note() -> str:
-    """A sentence to append to load errors when the Hugging Face offline switches are on (read at call time)."""
+def is_hub_lookup(name_or_path: str | None, data_files=None) -> bool:
+    """Whether loading `name_or_path` asks the Hugging Face Hub (as opposed to reading local files).
+
+    Local: an existing file or folder, anything that cannot be a repo id (absolute or relative
+    paths), and a builder name (parquet, csv, imagefolder...) whose data_files are all local.
+    None means "unknown": treated as a hub id.
+    """
+    if name_or_path is None:
+        return True
+    if os.path.exists(name_or_path):
+        return False
+    if name_or_path in _PACKAGED_DATASETS_MODULES:
+        return any("://" in f for f in _data_file_strings(data_files))  # hf://, https://, s3://
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return False  # a path that does not exist: "not found" is the whole story
+    return True
+
+
+def _data_file_strings(data_files) -> list[str]:
+    if data_files is None:
+        return []
+    if isinstance(data_files, (str, os.PathLike)):
+        return [str(data_files)]
+    if isinstance(data_files, dict):
+        return [f for value in data_files.values() for f in _data_file_strings(value)]
+    return [str(f) for f in data_files]
+
+
+def offline_note(name_or_path: str | None = None, data_files=None) -> str:
+    """A sentence to append to a load error when the offline switches are on and the load needed the Hub.
+
+    A missing split of a local folder has nothing to do with being offline, so no note there.
+    `name_or_path=None` means "assume a hub id". The switches are read at call time.
+    """
     flags = [os.environ.get(name, "").lower() for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")]
     if not any(flag in ("1", "true", "yes", "on") for flag in flags):
         return ""
+    if not is_hub_lookup(name_or_path, data_files):
+        return ""
     return " The machine is offline (HF_HUB_OFFLINE is set): only local folders and the cache can be used."
+
+
+@contextlib.contextmanager
+def quiet_datasets(enabled: bool = True) -> Iterator[None]:
+    """Silence datasets' progress bars and info logging inside the block, then restore them.
+
+    Loading local files or a synthetic set prints "Generating train split" and map bars that say
+    nothing to the user; a real hub download keeps its bars (`enabled=False`), where progress matters.
+    """
+    if not enabled:
+        yield
+        return
+    bars_were_disabled = datasets.utils.are_progress_bars_disabled()
+    verbosity = datasets.logging.get_verbosity()
+    with warnings.catch_warnings():
+        # HF_DATASETS_DISABLE_PROGRESS_BARS=0 in the environment wins; datasets warns about that.
+        warnings.simplefilter("ignore")
+        datasets.utils.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if not bars_were_disabled:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                datasets.utils.enable_progress_bars()
 
 
 def load_image_text_dataset(
@@ -52,7 +125,20 @@ def load_image_text_dataset(
     max_samples: int | None = None,
     synthetic: dict | None = None,
 ) -> datasets.Dataset:
-    """Load one split into the normal form above. `key` is the recipe key, quoted in every error."""
+    """Load one split into the normal form above. `key` is the recipe key, quoted in every error.
+
+    datasets' progress bars and info lines are silenced unless the split comes from the Hub.
+    """
+    from_hub = synthetic is None and is_hub_lookup(path, data_files)
+    with quiet_datasets(enabled=not from_hub):
+        raw, where = _load_raw(key, path, name, revision, data_files, split, synthetic)
+        return _normalize(
+            raw, key=key, where=where, image_column=image_column, caption_column=caption_column,
+            image_id_column=image_id_column, label_column=label_column, max_samples=max_samples,
+        )
+
+
+def _load_raw(key: str, path, name, revision, data_files, split: str, synthetic: dict | None) -> tuple[datasets.Dataset, str]:
     if synthetic is not None:
         raw = datasets.Dataset.from_dict(
             generate_domain(**synthetic),
@@ -65,16 +151,28 @@ def load_image_text_dataset(
                 }
             ),
         )
-        where = f"synthetic {synthetic['domain']} domain"
-    else:
-        where = f"{path!r} (split {split!r})"
-        try:
-            raw = datasets.load_dataset(path, name, data_files=data_files, split=split, revision=revision)
-        except Exception as exc:  # datasets raises many types; the user needs the key and the cause
-            raise DataLoadError(
-                f"{key}.path: could not load dataset {where}: {type(exc).__name__}: {exc}.{offline_note()}"
-            ) from exc
+        return raw, f"synthetic {synthetic['domain']} domain"
+    where = f"{path!r} (split {split!r})"
+    try:
+        raw = datasets.load_dataset(path, name, data_files=data_files, split=split, revision=revision)
+    except Exception as exc:  # datasets raises many types; the user needs the key and the cause
+        raise DataLoadError(
+            f"{key}.path: could not load dataset {where}: {type(exc).__name__}: {exc}.{offline_note(path, data_files)}"
+        ) from exc
+    return raw, where
 
+
+def _normalize(
+    raw: datasets.Dataset,
+    *,
+    key: str,
+    where: str,
+    image_column: str,
+    caption_column: str,
+    image_id_column: str | None,
+    label_column: str | None,
+    max_samples: int | None,
+) -> datasets.Dataset:
     columns = {
         f"{key}.image_column": image_column,
         f"{key}.caption_column": caption_column,
@@ -92,14 +190,15 @@ def load_image_text_dataset(
 
     keep = [c for c in (image_column, caption_column, image_id_column, label_column) if c]
     raw = raw.select_columns(list(dict.fromkeys(keep)))
-    ids = raw[image_id_column] if image_id_column else list(range(len(raw)))
+    # The id a user can look up in the source: the configured column, else the row itself.
+    ids = [str(i) for i in raw[image_id_column]] if image_id_column else [str(i) for i in range(len(raw))]
     # Factorize ids in order of first appearance: rows of one image share one integer.
-    _, first_index, inverse = np.unique(np.asarray([str(i) for i in ids]), return_index=True, return_inverse=True)
+    _, first_index, inverse = np.unique(np.asarray(ids), return_index=True, return_inverse=True)
     order = np.argsort(np.argsort(first_index))
     image_index = order[inverse].astype(np.int64)
 
     def explode(batch, indices):
-        out = {"image": [], "caption": [], "image_index": []}
+        out = {"image": [], "caption": [], "image_index": [], "source_row": [], "image_id": []}
         if label_column:
             out["label"] = []
         for row, i in enumerate(indices):
@@ -111,6 +210,8 @@ def load_image_text_dataset(
                 out["image"].append(batch[image_column][row])
                 out["caption"].append(caption)
                 out["image_index"].append(int(image_index[i]))
+                out["source_row"].append(int(i))
+                out["image_id"].append(ids[i])
                 if label_column:
                     out["label"].append(str(batch[label_column][row]))
         return out
@@ -119,6 +220,8 @@ def load_image_text_dataset(
         "image": raw.features[image_column] if isinstance(raw.features[image_column], datasets.Image) else None,
         "caption": datasets.Value("string"),
         "image_index": datasets.Value("int64"),
+        "source_row": datasets.Value("int64"),
+        "image_id": datasets.Value("string"),
     }
     if label_column:
         features["label"] = datasets.Value("string")
@@ -157,23 +260,73 @@ def decode_image(value) -> Image.Image | None:
         return None
 
 
+RETRIEVAL_COLUMNS = ("image", "caption", "image_index", "source_row", "image_id")
+
+
 @dataclass
 class RetrievalSet:
-    """An eval split regrouped for retrieval: unique images and all captions, with the caption->image map."""
+    """An eval split regrouped for retrieval: unique images and all captions, with the caption->image map.
 
-    images: list  # undecoded image values, one per unique image
-    captions: list[str]
-    text_to_image: np.ndarray  # (N_txt,) index into images
+    Holds the (Arrow-backed) pairs dataset and, per unique image, the row of `pairs` that carries it,
+    never the image bytes: each process reads and decodes only its own shard when it embeds.
+    """
+
+    pairs: datasets.Dataset  # the normal form this set was built from
+    image_rows: np.ndarray  # (N_img,) row of `pairs` holding each unique image (its first caption's row)
+    image_ids: list[str]  # (N_img,) stable id per image
+    source_rows: np.ndarray  # (N_img,) row of the loaded split per image
+    labels: list[str] | None  # (N_img,) label per image; None when the set has no label column
+    captions: list[str]  # (N_txt,)
+    text_to_image: np.ndarray  # (N_txt,) index into the unique images
 
     @classmethod
     def from_pairs(cls, pairs: datasets.Dataset) -> "RetrievalSet":
-        index = np.asarray(pairs["image_index"])
+        missing = [c for c in RETRIEVAL_COLUMNS if c not in pairs.column_names]
+        if missing:
+            raise DataLoadError(
+                f"a retrieval set needs the normal form's columns {', '.join(RETRIEVAL_COLUMNS)}; missing "
+                f"{', '.join(missing)} (load it with load_image_text_dataset)"
+            )
+        index = np.asarray(pairs["image_index"], dtype=np.int64)  # (N_txt,)
         _, first_row = np.unique(index, return_index=True)
-        remap = {int(index[r]): k for k, r in enumerate(sorted(first_row))}
-        rows = sorted(first_row.tolist())
-        images = pairs.select(rows)["image"]  # one columnar read, not a row fetch per image
+        rows = np.sort(first_row)  # images in order of first appearance
+        remap = np.full(int(index.max()) + 1, -1, dtype=np.int64)
+        remap[index[rows]] = np.arange(len(rows))
+        # Columnar reads of the small columns only; the image column is never read here.
+        meta = pairs.select_columns([c for c in ("source_row", "image_id", "label") if c in pairs.column_names])
+        meta = meta.select(rows.tolist())
         return cls(
-            images=images,
+            pairs=pairs,
+            image_rows=rows.astype(np.int64),
+            image_ids=[str(i) for i in meta["image_id"]],
+            source_rows=np.asarray(meta["source_row"], dtype=np.int64),
+            labels=[str(v) for v in meta["label"]] if "label" in meta.column_names else None,
             captions=list(pairs["caption"]),
-            text_to_image=np.asarray([remap[int(i)] for i in index], dtype=np.int64),
+            text_to_image=remap[index],
         )
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_rows)
+
+    @property
+    def images(self) -> "ImageColumn":
+        """Undecoded image values, one per unique image, read from `pairs` on access."""
+        return ImageColumn(self.pairs, self.image_rows)
+
+
+class ImageColumn:
+    """A read-on-access view of the image values at given rows of a dataset: len, [i], iteration."""
+
+    def __init__(self, pairs: datasets.Dataset, rows: np.ndarray):
+        self.pairs, self.rows = pairs, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        return self.pairs[int(self.rows[i])]["image"]
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]

@@ -358,6 +358,14 @@ def validate_config(tree: dict, source: str = "<dict>") -> RecipeConfig:
         raise ConfigError(source, describe_errors(exc)) from None
 
 
+def load_resolved_config(path: str | os.PathLike) -> RecipeConfig:
+    """The resolved config a run wrote (`config.yaml` in its output folder), validated again."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), [f"no resolved config at {path}: is {path.parent} a run folder?"])
+    return validate_config(yaml.safe_load(path.read_text()) or {}, source=str(path))
+
+
 def save_config(cfg: RecipeConfig, path: str | os.PathLike) -> None:
     """Write the fully resolved config (every default spelled out); later steps read it back from here."""
     path = Path(path)

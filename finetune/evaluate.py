@@ -1,7 +1,12 @@
 """Embed an eval split and score retrieval both ways (see finetune/metrics.py for the definitions).
 
-With several processes each embeds a contiguous shard; the shards are gathered in order so every
-process scores the same full set.
+Images: each process embeds a contiguous shard of the unique images, read from the Arrow-backed
+pairs dataset and decoded + preprocessed by DataLoader workers; the shards are gathered in process
+order, so every process scores the same full set. No process ever holds the whole set's bytes.
+
+Captions: each distinct caption text is embedded once and mapped back to every caption that uses
+it, so identical texts get bit-identical embeddings and their exact ties are real ties in the
+metrics. The distinct texts are sharded across processes the same way.
 """
 
 from __future__ import annotations
@@ -10,26 +15,51 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data_tools.loading import RetrievalSet, decode_image
+from data_tools.loading import DataLoadError, RetrievalSet, decode_image
 from finetune.collate import encode_captions, preprocess_images
 from finetune.metrics import retrieval_metrics
 from finetune.model import encode_images, encode_texts
 
 
-def _shard(n: int, accelerator: Accelerator | None) -> range:
-    if accelerator is None or accelerator.num_processes == 1:
+def shard_range(n: int, num_processes: int, process_index: int) -> range:
+    """The contiguous block of 0..n-1 that one process embeds; blocks in process order cover 0..n-1.
+
+    Sizes differ by at most one, and a process may get an empty block (n < num_processes).
+    """
+    per, extra = divmod(n, num_processes)
+    start = process_index * per + min(process_index, extra)
+    return range(start, start + per + (process_index < extra))
+
+
+def _my_shard(n: int, accelerator: Accelerator | None) -> range:
+    if accelerator is None:
         return range(n)
-    per = -(-n // accelerator.num_processes)
-    start = accelerator.process_index * per
-    return range(min(start, n), min(start + per, n))
+    return shard_range(n, accelerator.num_processes, accelerator.process_index)
 
 
-def _gather(items: list, accelerator: Accelerator | None) -> list:
+def _gather(item, accelerator: Accelerator | None) -> list:
+    """[item of process 0, item of process 1, ...]. Every process must call it, even with nothing to add."""
     if accelerator is None or accelerator.num_processes == 1:
-        return items
-    return gather_object(items)
+        return [item]
+    return gather_object([item])  # gather_object flattens one level: wrap so each process adds one item
+
+
+class _EvalImageCollator:
+    """Runs in the DataLoader workers: decode + preprocess a batch of image values, note which failed."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, rows: list[dict]) -> dict:
+        decoded = [decode_image(row["image"]) for row in rows]
+        good = [image for image in decoded if image is not None]
+        return {
+            "valid": torch.tensor([image is not None for image in decoded], dtype=torch.bool),  # (B,)
+            "pixel_values": preprocess_images(self.processor, good) if good else None,  # (B_valid, 3, H, W)
+        }
 
 
 @torch.no_grad()
@@ -40,51 +70,76 @@ def embed_retrieval_set(
     *,
     batch_size: int,
     max_text_length: int,
+    num_workers: int = 0,
     accelerator: Accelerator | None = None,
-    desc: str = "eval",
+    name: str = "eval",
+    desc: str | None = None,
 ) -> dict:
     """Returns image_emb (N_img, D), text_emb (N_txt, D), text_to_image (N_txt,), corrupt_images (int).
 
-    Images PIL cannot read are dropped together with their captions and counted.
+    Images PIL cannot read are dropped together with their captions and counted. With several
+    processes, call it on every process with the same set: the gathers are collective.
+
+    Raises:
+        DataLoadError: when no image of the set can be read (naming the set as `name`).
     """
     was_training = model.training
     model.eval()
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     show = accelerator is None or accelerator.is_local_main_process
+    desc = desc or name
 
-    image_rows = _shard(len(rset.images), accelerator)
-    image_chunks, valid = [], []
-    for start in tqdm(range(image_rows.start, image_rows.stop, batch_size), desc=f"{desc}: images", disable=not show, leave=False):
-        decoded = [decode_image(rset.images[i]) for i in range(start, min(start + batch_size, image_rows.stop))]
-        valid.extend(img is not None for img in decoded)
-        good = [img for img in decoded if img is not None]
-        if good:
-            pixels = preprocess_images(processor, good).to(device)
+    # -- images: this process's contiguous shard, decoded in workers
+    shard = _my_shard(rset.num_images, accelerator)
+    shard_pairs = rset.pairs.select(rset.image_rows[shard.start : shard.stop].tolist()).select_columns(["image"])
+    loader = DataLoader(
+        shard_pairs, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_EvalImageCollator(processor)
+    )
+    chunks, valid = [], []
+    for batch in tqdm(loader, desc=f"{desc}: images", disable=not show, leave=False):
+        valid.append(batch["valid"])
+        if batch["pixel_values"] is not None:
             with _autocast(accelerator):
-                image_chunks.append(encode_images(model, pixels).float().cpu())
+                chunks.append(encode_images(model, batch["pixel_values"].to(device)).float().cpu())  # (B_valid, D)
+    # A shard with no readable image still takes part in the gather, with None.
+    local = (torch.cat(chunks) if chunks else None, torch.cat(valid) if valid else torch.zeros(0, dtype=torch.bool))
+    gathered = _gather(local, accelerator)
+    image_parts = [emb for emb, _ in gathered if emb is not None]
+    valid_mask = torch.cat([mask for _, mask in gathered]).numpy()  # (N_img,) in process order == set order
+    corrupt = int((~valid_mask).sum())
+    if not image_parts:
+        model.train(was_training)
+        raise DataLoadError(
+            f"eval set {name!r}: all {rset.num_images} images are unreadable (PIL could not decode any of them); "
+            "check its image column and files"
+        )
+    image_emb = torch.cat(image_parts)  # (N_valid, D)
 
-    text_rows = _shard(len(rset.captions), accelerator)
+    # -- captions of readable images: each distinct text once, sharded, mapped back
+    keep_text = valid_mask[rset.text_to_image]  # (N_txt,)
+    kept_captions = [c for c, keep in zip(rset.captions, keep_text) if keep]
+    distinct = list(dict.fromkeys(kept_captions))  # first-appearance order, identical on every process
+    position = {text: i for i, text in enumerate(distinct)}
+    text_shard = _my_shard(len(distinct), accelerator)
     text_chunks = []
-    for start in tqdm(range(text_rows.start, text_rows.stop, batch_size), desc=f"{desc}: captions", disable=not show, leave=False):
-        tokens = encode_captions(processor, rset.captions[start : min(start + batch_size, text_rows.stop)], max_text_length)
+    starts = range(text_shard.start, text_shard.stop, batch_size)
+    for start in tqdm(starts, desc=f"{desc}: captions", disable=not show, leave=False):
+        tokens = encode_captions(processor, distinct[start : min(start + batch_size, text_shard.stop)], max_text_length)
         with _autocast(accelerator):
-            text_chunks.append(
-                encode_texts(model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float().cpu()
-            )
-
-    image_emb = torch.cat([c for chunk in _gather([image_chunks], accelerator) for c in chunk])  # (N_valid, D)
-    text_emb = torch.cat([c for chunk in _gather([text_chunks], accelerator) for c in chunk])  # (N_txt, D)
-    valid_mask = np.asarray([v for part in _gather([valid], accelerator) for v in part], dtype=bool)
+            emb = encode_texts(model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        text_chunks.append(emb.float().cpu())  # (b, D)
+    text_parts = [emb for emb in _gather(torch.cat(text_chunks) if text_chunks else None, accelerator) if emb is not None]
+    distinct_emb = torch.cat(text_parts)  # (N_distinct, D)
     model.train(was_training)
 
-    # Drop captions of unreadable images and renumber the survivors.
+    # Renumber the surviving images; every caption row points at its text's single embedding.
     new_index = np.cumsum(valid_mask) - 1
-    keep_text = valid_mask[rset.text_to_image]
+    text_rows = torch.as_tensor([position[c] for c in kept_captions], dtype=torch.int64)  # (N_kept_txt,)
     return {
         "image_emb": image_emb,
-        "text_emb": text_emb[torch.from_numpy(keep_text)],
-        "text_to_image": torch.from_numpy(new_index[rset.text_to_image[keep_text]]),
-        "corrupt_images": int((~valid_mask).sum()),
+        "text_emb": distinct_emb[text_rows],  # (N_kept_txt, D)
+        "text_to_image": torch.from_numpy(new_index[rset.text_to_image[keep_text]].astype(np.int64)),
+        "corrupt_images": corrupt,
     }
 
 
@@ -100,15 +155,19 @@ def evaluate_retrieval(
     batch_size: int,
     max_text_length: int,
     ks: tuple[int, ...] = (1, 5, 10),
+    num_workers: int = 0,
     accelerator: Accelerator | None = None,
     desc: str = "",
 ) -> tuple[dict, dict]:
-    """{set name: {"t2i": {...}, "i2t": {...}}} and {set name: corrupt image count}."""
+    """{set name: {"t2i": {...}, "i2t": {...}}} and {set name: corrupt image count}.
+
+    `num_workers` DataLoader processes decode and preprocess the images (the recipe's data.num_workers).
+    """
     results, corrupt = {}, {}
     for name, rset in sets.items():
         emb = embed_retrieval_set(
-            model, processor, rset, batch_size=batch_size, max_text_length=max_text_length,
-            accelerator=accelerator, desc=f"{desc} {name}".strip(),
+            model, processor, rset, batch_size=batch_size, max_text_length=max_text_length, num_workers=num_workers,
+            accelerator=accelerator, name=name, desc=f"{desc} {name}".strip(),
         )
         results[name] = retrieval_metrics(emb["image_emb"], emb["text_emb"], emb["text_to_image"], ks=tuple(ks))
         corrupt[name] = emb["corrupt_images"]

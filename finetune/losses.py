@@ -1,4 +1,11 @@
-"""Contrastive losses. Each loss is an nn.Module returning a dict of named terms; the loop sums them.
+"""Contrastive losses. A loss is an `nn.Module` called as `loss(features, batch)` that returns a dict of
+named terms; the loop sums and logs them, so a new term never touches the loop.
+
+`features` (a `Features`) holds what the step computed and already gathered across processes:
+L2-normalised image and text embeddings, the log logit scale, and any extra outputs. `batch` holds the
+gathered per-pair tensors of the collated batch (`image_index`, `source_row`, and whatever a sampler
+adds). A loss with parameters of its own (a learned bias) registers them as usual; the trainer gives
+them to the optimizer and stores them in checkpoints.
 
 On the contrastive batch: the negatives of a pair are the other pairs in the *global* batch, i.e.
 `train.batch_size x processes` when features are gathered across processes. Gradient accumulation
@@ -8,78 +15,38 @@ averages gradients over micro-batches but adds no negatives.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 (sizes may differ per rank) that sends gradients back to their owner.
-
-    Every rank computes the same full loss on the gathered batch, so the gradient reaching rank r's
-    slice is the sum over ranks of identical copies: all_reduce then keep our slice, and DDP's
-    average over ranks yields exactly the full-batch gradient. all_reduce works on gloo and NCCL.
-    """
-
-    @staticmethod
-    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
-        world = dist.get_world_size()
-        size = torch.tensor([local.shape[0]], device=local.device)
-        sizes = [torch.zeros_like(size) for _ in range(world)]
-        dist.all_gather(sizes, size)
-        sizes = [int(s.item()) for s in sizes]
-        longest = max(sizes)
-        padded = local.new_zeros((longest, *local.shape[1:]))
-        padded[: local.shape[0]] = local
-        chunks = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(chunks, padded.contiguous())
-        rank = dist.get_rank()
-        ctx.start, ctx.stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
-        return torch.cat([chunk[:n] for chunk, n in zip(chunks, sizes)])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.start : ctx.stop]
-
-
-def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    return _GatherWithGrad.apply(local)
+@dataclass
+class Features:
+    image: torch.Tensor  # (N, D) L2-normalised, float32; N = global batch when gathered
+    text: torch.Tensor  # (N, D) L2-normalised, float32; row i is a caption of image row i
+    logit_scale: torch.Tensor  # () log of the inverse temperature
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ClipInfoNCE(nn.Module):
     """Symmetric InfoNCE with CLIP's learned temperature.
 
-    Rows that are captions of the same image (same `image_index`) are masked out of each other's
-    denominators: two captions of one picture are never negatives of each other.
+    Rows that are captions of the same image (same `batch["image_index"]`) are masked out of each
+    other's denominators: two captions of one picture are never negatives of each other.
     """
 
-    def __init__(self, gather_across_processes: bool = True, max_logit_scale: float = 100.0):
+    def __init__(self, max_logit_scale: float = 100.0):
         super().__init__()
-        self.gather_across_processes = gather_across_processes
         # CLIP clamps exp(logit_scale) at 100 so the temperature cannot collapse.
         self.max_log_scale = math.log(max_logit_scale)
 
-    def forward(
-        self,
-        image_features: torch.Tensor,  # (B, D)
-        text_features: torch.Tensor,  # (B, D)
-        logit_scale: torch.Tensor,  # () log of the inverse temperature
-        image_index: torch.Tensor,  # (B,) which image each pair shows
-    ) -> dict[str, torch.Tensor]:
-        image_features = F.normalize(image_features.float(), dim=-1)
-        text_features = F.normalize(text_features.float(), dim=-1)
-        if self.gather_across_processes:
-            image_features = gather_with_grad(image_features)  # (N, D), N = global batch
-            text_features = gather_with_grad(text_features)
-            image_index = gather_with_grad(image_index)  # integer: no gradient flows, just the values
-        scale = logit_scale.float().clamp(max=self.max_log_scale).exp()
-        logits = scale * image_features @ text_features.T  # (N, N) image rows, caption columns
+    def forward(self, features: Features, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        image, text = features.image, features.text  # (N, D) each
+        image_index = batch["image_index"]  # (N,)
+        scale = features.logit_scale.float().clamp(max=self.max_log_scale).exp()
+        logits = scale * image @ text.T  # (N, N) image rows, caption columns
 
         same_image = image_index[:, None] == image_index[None, :]  # (N, N)
         not_self = ~torch.eye(len(image_index), dtype=torch.bool, device=logits.device)

@@ -1,9 +1,11 @@
-"""Load CLIP, put PEFT LoRA adapters on each tower, and check they really train.
+"""Load an image-text model, put PEFT LoRA adapters on each tower, check they really train, and load
+an adapted run back for every later command.
 
 Each tower gets its own rank, alpha, dropout, target modules and layer range. PEFT takes one
 adapter per model, so the towers share one `LoraConfig` whose `rank_pattern` / `alpha_pattern`
 carry the per-tower values; `PeftModel.from_pretrained(CLIPModel.from_pretrained(base), adapter)`
-then restores exactly what was trained.
+then restores exactly what was trained. Where a tower's layers and projection live comes from the
+model table in finetune/towers.py.
 """
 
 from __future__ import annotations
@@ -11,80 +13,113 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from torch import nn
-from transformers import CLIPModel, CLIPProcessor
+from transformers import AutoConfig, PretrainedConfig
 
 from data_tools.loading import offline_note
+from finetune.towers import (
+    TOWERS,
+    UnsupportedModelError,
+    architecture_for,
+    image_features,
+    model_layout,
+    text_features,
+    unwrap,
+)
 
-# Where each tower lives inside transformers' CLIPModel.
-TOWER_PREFIX = {"vision": "vision_model", "text": "text_model"}
-TOWER_PROJECTION = {"vision": "visual_projection", "text": "text_projection"}
+EXTRA_TRAINABLES_FILE = "extra_trainables.safetensors"
 
 
 class ModelLoadError(RuntimeError):
     """The checkpoint could not be loaded; the message names the recipe key and what was tried."""
 
 
+class LoraSetupError(ValueError):
+    """The recipe's LoRA settings cannot be applied to this model (targets matching nothing, bad layers)."""
+
+
 @dataclass(frozen=True)
 class TowerLora:
     """Plain per-tower LoRA settings (a thin copy of the recipe's lora.<tower> section)."""
 
-    enabled: bool = True
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
-    layers: tuple[int, ...] | None = None
+    enabled: bool
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+    layers: tuple[int, ...] | None
 
 
-def load_clip(
-    name_or_path: str, revision: str | None = None, trust_remote_code: bool = False
-) -> tuple[CLIPModel, CLIPProcessor]:
-    """`from_pretrained` for model and processor; failures name `model.name_or_path` and the offline state."""
+def _describe(name_or_path: str, revision: str | None) -> str:
+    kind = "local folder" if os.path.isdir(name_or_path) else "hub id"
+    return f"{kind} {name_or_path!r}" + (f" at revision {revision!r}" if revision else "")
+
+
+def load_model_config(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> PretrainedConfig:
+    """Only config.json: enough to check a recipe against the model before any weights are read."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # OSError, HF hub errors: the user needs the key and the cause
+        raise ModelLoadError(
+            f"model.name_or_path: could not load the model config from {_describe(name_or_path, revision)}: "
+            f"{type(exc).__name__}: {exc}.{offline_note(name_or_path)}"
+        ) from exc
+    try:
+        architecture_for(config)
+    except UnsupportedModelError as exc:
+        raise ModelLoadError(str(exc)) from None
+    return config
+
+
+def load_model(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """`from_pretrained` for model and processor, classes chosen from the model table by config class."""
+    config = load_model_config(name_or_path, revision, trust_remote_code)
+    arch = architecture_for(config)
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
-        model = CLIPModel.from_pretrained(name_or_path, **kwargs)
-        processor = CLIPProcessor.from_pretrained(name_or_path, **kwargs)
-    except Exception as exc:  # OSError, HF hub errors, bad configs: the user needs the key and cause
-        kind = "local folder" if os.path.isdir(name_or_path) else "hub id"
+        model = arch.model_class.from_pretrained(name_or_path, **kwargs)
+        processor = arch.processor_class.from_pretrained(name_or_path, **kwargs)
+    except Exception as exc:
         raise ModelLoadError(
-            f"model.name_or_path: could not load CLIPModel + CLIPProcessor from {kind} {name_or_path!r}"
-            f"{f' at revision {revision!r}' if revision else ''}: {type(exc).__name__}: {exc}.{offline_note()}"
+            f"model.name_or_path: could not load {arch.model_class.__name__} + {arch.processor_class.__name__} "
+            f"from {_describe(name_or_path, revision)}: {type(exc).__name__}: {exc}.{offline_note(name_or_path)}"
         ) from exc
     return model, processor
 
 
-def save_processor(processor: CLIPProcessor, out_dir) -> None:
+def save_processor(processor, out_dir) -> None:
     """processor_config.json plus preprocessor_config.json, which older loaders look for."""
     processor.save_pretrained(out_dir)
     processor.image_processor.save_pretrained(out_dir)
 
 
-def tower_target_modules(model: CLIPModel, tower: str, settings: TowerLora) -> list[str]:
+def tower_target_modules(model: nn.Module, tower: str, settings: TowerLora) -> list[str]:
     """Full names of the Linear modules LoRA should wrap in one tower.
 
     Raises with the available names when nothing matches: an adapter on nothing is the silent
     no-op we refuse to train.
     """
-    prefix = f"{TOWER_PREFIX[tower]}.encoder.layers."
-    layer_count = getattr(model.config, f"{tower}_config").num_hidden_layers
+    layout = model_layout(model).towers[tower]
+    layer_count = len(unwrap(model).get_submodule(layout.layers))
     if settings.layers is None:
         layers = set(range(layer_count))
     else:
         bad = [i for i in settings.layers if not -layer_count <= i < layer_count]
         if bad:
-            raise ValueError(
+            raise LoraSetupError(
                 f"lora.{tower}.layers: {bad} out of range for a {layer_count}-layer {tower} tower "
                 f"(use 0..{layer_count - 1} or negative indices)"
             )
         layers = {i % layer_count for i in settings.layers}
 
     names, available = [], set()
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.(.+)$")
-    for name, module in model.named_modules():
+    pattern = re.compile(re.escape(layout.layers + ".") + r"(\d+)\.(.+)$")
+    for name, module in unwrap(model).named_modules():
         match = pattern.match(name)
         if not match or not isinstance(module, nn.Linear):
             continue
@@ -94,7 +129,7 @@ def tower_target_modules(model: CLIPModel, tower: str, settings: TowerLora) -> l
         ):
             names.append(name)
     if not names:
-        raise ValueError(
+        raise LoraSetupError(
             f"lora.{tower}.target_modules: {list(settings.target_modules)} match no Linear layer in the {tower} "
             f"tower; available: {', '.join(sorted(available))}"
         )
@@ -102,35 +137,35 @@ def tower_target_modules(model: CLIPModel, tower: str, settings: TowerLora) -> l
 
 
 def add_lora(
-    model: CLIPModel,
+    model: nn.Module,
     vision: TowerLora,
     text: TowerLora,
-    train_projections: bool = False,
-    train_logit_scale: bool = False,
+    train_projections: bool,
+    train_logit_scale: bool,
 ) -> PeftModel:
     """Wrap `model` with one PEFT LoRA adapter covering the enabled towers."""
+    layout = model_layout(model)
     towers = {"vision": vision, "text": text}
     targets: dict[str, list[str]] = {t: tower_target_modules(model, t, s) for t, s in towers.items() if s.enabled}
     if not targets:
-        raise ValueError("lora.vision.enabled and lora.text.enabled are both false: nothing to adapt")
+        raise LoraSetupError("lora.vision.enabled and lora.text.enabled are both false: nothing to adapt")
 
     first = towers[next(iter(targets))]
     rank_pattern, alpha_pattern = {}, {}
-    for tower, names in targets.items():
+    for tower in targets:
         # Patterns are matched against full module names; anchoring on the tower prefix keeps them per tower.
-        key = rf"{TOWER_PREFIX[tower]}\..*"
+        key = rf"{re.escape(layout.towers[tower].prefix)}\..*"
         rank_pattern[key] = towers[tower].rank
         alpha_pattern[key] = towers[tower].alpha
-    all_targets = [n for names in targets.values() for n in names]
     config = LoraConfig(
         r=first.rank,
         lora_alpha=first.alpha,
         lora_dropout=first.dropout,
         # An exact-name list, so nothing outside the chosen towers/layers is ever touched.
-        target_modules=all_targets,
+        target_modules=[n for names in targets.values() for n in names],
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
-        modules_to_save=list(TOWER_PROJECTION.values()) if train_projections else None,
+        modules_to_save=[layout.towers[t].projection for t in TOWERS] if train_projections else None,
         bias="none",
     )
     peft_model = get_peft_model(model, config)
@@ -139,22 +174,19 @@ def add_lora(
     for tower, names in targets.items():
         p = towers[tower].dropout
         for name in names:
-            layer = peft_model.base_model.model.get_submodule(name)
+            layer = unwrap(peft_model).get_submodule(name)
             layer.lora_dropout["default"] = nn.Dropout(p) if p > 0 else nn.Identity()
 
-    base = peft_model.base_model.model
-    base.logit_scale.requires_grad_(train_logit_scale)
+    getattr(unwrap(peft_model), layout.logit_scale).requires_grad_(train_logit_scale)
     return peft_model
 
 
 def trainable_parameters_by_tower(model: nn.Module) -> dict[str, dict[str, int]]:
     """{"vision"|"text"|"shared": {"trainable": n, "total": n}} for the log and the model card."""
-    counts = {k: {"trainable": 0, "total": 0} for k in ("vision", "text", "shared")}
+    layout = model_layout(model)
+    counts = {k: {"trainable": 0, "total": 0} for k in (*TOWERS, "shared")}
     for name, param in model.named_parameters():
-        tower = "shared"
-        for t in ("vision", "text"):
-            if TOWER_PREFIX[t] in name or TOWER_PROJECTION[t] in name:
-                tower = t
+        tower = layout.tower_of(name) or "shared"
         counts[tower]["total"] += param.numel()
         if param.requires_grad:
             counts[tower]["trainable"] += param.numel()
@@ -163,11 +195,12 @@ def trainable_parameters_by_tower(model: nn.Module) -> dict[str, dict[str, int]]
 
 def lora_gradient_report(model: nn.Module) -> dict[str, bool]:
     """Per tower: does any LoRA parameter hold a non-zero gradient? Call after the first backward."""
+    layout = model_layout(model)
     seen: dict[str, bool] = {}
     for name, param in model.named_parameters():
-        if "lora_" not in name or not param.requires_grad:
+        if "lora_" not in name or not param.requires_grad:  # PEFT's own parameter naming
             continue
-        tower = "vision" if TOWER_PREFIX["vision"] in name else "text"
+        tower = layout.tower_of(name)
         has = param.grad is not None and bool(torch.any(param.grad != 0))
         seen[tower] = seen.get(tower, False) or has
     return seen
@@ -175,15 +208,35 @@ def lora_gradient_report(model: nn.Module) -> dict[str, bool]:
 
 def extra_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Trained tensors PEFT's adapter file does not hold (the logit scale)."""
-    base = model.base_model.model if isinstance(model, PeftModel) else model
-    return {"logit_scale": base.logit_scale.detach().clone()} if base.logit_scale.requires_grad else {}
+    name = model_layout(model).logit_scale
+    scale = getattr(unwrap(model), name)
+    return {name: scale.detach().clone()} if scale.requires_grad else {}
 
 
-def encode_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Projected image features, not normalised. # (B, D)"""
-    return model.get_image_features(pixel_values=pixel_values).pooler_output
+def load_adapted(run_dir: str | os.PathLike, *, adapter_subdir: str = "adapter"):
+    """(adapted model in eval mode, processor) of a finished run, for every command after training.
+
+    The base checkpoint, revision and remote-code switch come from the run's resolved `config.yaml`;
+    the adapter, processor and any extra trained tensors from `run_dir/adapter`.
+    """
+    from finetune.config import load_resolved_config
+
+    run_dir = Path(run_dir)
+    cfg = load_resolved_config(run_dir / "config.yaml")
+    adapter = run_dir / adapter_subdir
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{adapter} holds no adapter_config.json: is {run_dir} a finished run folder?")
+    base, _ = load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    processor = architecture_for(base.config).processor_class.from_pretrained(adapter)
+    model = PeftModel.from_pretrained(base, adapter)
+    extra = adapter / EXTRA_TRAINABLES_FILE
+    if extra.is_file():
+        with torch.no_grad():
+            for name, tensor in load_file(extra).items():
+                getattr(unwrap(model), name).copy_(tensor)
+    return model.eval(), processor
 
 
-def encode_texts(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Projected text features, not normalised. # (B, D)"""
-    return model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+# The names the evaluation code calls; the model table decides how each architecture answers.
+encode_images = image_features
+encode_texts = text_features

@@ -3,9 +3,10 @@
     accelerate launch finetune/train.py recipes/demo.yaml
     accelerate launch finetune/train.py recipes/medical.yaml train.output_dir=runs/med lora.vision.rank=8
 
-Reads top to bottom: config -> accelerator -> model + data -> zero-shot eval -> LoRA -> loop
-(accumulate, forward, loss terms, backward, clip, step, log, eval, checkpoint) -> adapter, final
-eval, report, model card. Same script on one CPU, one GPU, many GPUs or many nodes.
+`run()` reads top to bottom: config -> accelerator -> model + data -> zero-shot eval -> LoRA -> loss,
+loader, optimizer -> resume -> the loop (accumulate, forward, loss terms, backward, clip, step, log,
+eval, checkpoint) -> final eval, adapter, report, model card. Same script on one CPU, one GPU, many
+GPUs or many nodes.
 """
 
 from __future__ import annotations
@@ -16,117 +17,71 @@ import math
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python finetune/train.py` / `accelerate launch finetune/train.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import warnings
+from finetune.quiet import quiet_third_party_notices
 
-import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
-from transformers import get_scheduler
+quiet_third_party_notices()  # before transformers / peft / accelerate are imported
 
-from data_tools.loading import DataLoadError, RetrievalSet, load_image_text_dataset
-from finetune.card import write_model_card
-from finetune.checkpoint import (
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import get_scheduler  # noqa: E402
+
+from data_tools.loading import DataLoadError, RetrievalSet, load_image_text_dataset  # noqa: E402
+from data_tools.sampling import EpochShuffleSampler  # noqa: E402
+from finetune.card import write_model_card  # noqa: E402
+from finetune.checkpoint import (  # noqa: E402
+    ResumeError,
+    TrainerState,
+    check_resumable,
     latest_checkpoint,
     read_trainer_state,
     register_trainable_only_state,
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from finetune.collate import ImageTextCollator
-from finetune.config import ConfigError, DatasetSpec, LoraTowerConfig, RecipeConfig, load_config, save_config
-from finetune.evaluate import evaluate_retrieval
-from finetune.losses import ClipInfoNCE
-from finetune.metrics import format_results_table, write_results
-from finetune.model import (
+from finetune.collate import ImageTextCollator, count_truncated_captions, format_truncation_warning  # noqa: E402
+from finetune.config import ConfigError, DatasetSpec, LoraTowerConfig, RecipeConfig, load_config, save_config  # noqa: E402
+from finetune.evaluate import evaluate_retrieval  # noqa: E402
+from finetune.io import atomic_write_text  # noqa: E402
+from finetune.losses import ClipInfoNCE  # noqa: E402
+from finetune.metrics import duplicate_caption_texts  # noqa: E402
+from finetune.model import (  # noqa: E402
+    EXTRA_TRAINABLES_FILE,
+    LoraSetupError,
     ModelLoadError,
     TowerLora,
     add_lora,
     extra_trainable_state,
-    load_clip,
+    load_model,
+    load_model_config,
     lora_gradient_report,
     save_processor,
     trainable_parameters_by_tower,
 )
-
-
-# peft asks transformers for a renamed attribute on every wrap; the notice is theirs, not the user's.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+from finetune.report import format_results_table, write_results  # noqa: E402
+from finetune.step import contrastive_step  # noqa: E402
+from finetune.towers import logit_scale, model_layout  # noqa: E402
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, adapters receiving no gradient)."""
+    """Training cannot go on (non-finite loss, adapters receiving no gradient, no readable data)."""
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A fresh permutation per epoch from (seed, epoch) alone, so a resumed run replays the same order.
-
-    The loop sets `epoch` itself. There is deliberately no `set_epoch`: Accelerate calls that with its
-    own pass counter, which restarts at 0 on the loader `skip_first_batches` returns, and a resumed
-    run would replay epoch 0's order.
-    """
-
-    def __init__(self, num_rows: int, seed: int):
-        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.num_rows, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.num_rows
+# The toolkit's own errors end the run with one clear line; anything else keeps its traceback.
+TOOLKIT_ERRORS = (ConfigError, ModelLoadError, LoraSetupError, DataLoadError, TrainingError, ResumeError)
 
 
-# ----------------------------------------------------------------------------- builders
-
-
-def build_dataset(spec: DatasetSpec, key: str):
-    fields = spec.model_dump(exclude={"synthetic"})
-    synthetic = spec.synthetic.model_dump() if spec.synthetic else None
-    return load_image_text_dataset(key=key, synthetic=synthetic, **fields)
-
-
-def build_eval_sets(cfg: RecipeConfig) -> dict[str, RetrievalSet]:
-    sets = {"target": RetrievalSet.from_pairs(build_dataset(cfg.data.eval.target, "data.eval.target"))}
-    if cfg.data.eval.source is not None:
-        sets["source"] = RetrievalSet.from_pairs(build_dataset(cfg.data.eval.source, "data.eval.source"))
-    return sets
-
-
-def tower_lora(cfg: LoraTowerConfig) -> TowerLora:
-    return TowerLora(
-        enabled=cfg.enabled,
-        rank=cfg.rank,
-        alpha=cfg.alpha,
-        dropout=cfg.dropout,
-        target_modules=tuple(cfg.target_modules),
-        layers=tuple(cfg.layers) if cfg.layers is not None else None,
-    )
-
-
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and "logit_scale" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and "logit_scale" in n]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-
-
-def warmup_steps(cfg, max_steps: int) -> int:
-    if cfg.warmup_steps is not None:
-        return cfg.warmup_steps
-    return int(round((cfg.warmup_ratio or 0.0) * max_steps))
-
-
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- entry point
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -139,11 +94,400 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.recipe, args.overrides)
-        return run(cfg)
-    except (ConfigError, ModelLoadError, DataLoadError, TrainingError, ValueError) as exc:
+        return run(load_config(args.recipe, args.overrides))
+    except TOOLKIT_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def run(cfg: RecipeConfig) -> int:
+    accelerator = build_accelerator(cfg)
+    max_text_length = check_recipe_against_model(cfg)  # config.json only: recipe errors before any work
+    out = Path(cfg.train.output_dir)
+    checkpoint = prepare_output_dir(cfg, out, accelerator)
+    model, processor = load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    train_pairs, eval_sets = build_datasets(cfg, processor.tokenizer, max_text_length, accelerator)
+    evaluate = partial(
+        evaluate_retrieval, processor=processor, batch_size=cfg.eval.batch_size, max_text_length=max_text_length,
+        ks=tuple(cfg.eval.ks), num_workers=cfg.data.num_workers, accelerator=accelerator,
+    )
+    results = {"zero_shot": zero_shot_results(model, evaluate, eval_sets, out, checkpoint, accelerator)} if cfg.eval.zero_shot else {}
+
+    model = build_model(cfg, model, accelerator)
+    loss_fn = build_loss(cfg)
+    train_loader, sampler = build_train_loader(cfg, train_pairs, processor, max_text_length)
+    model, train_loader, loss_fn = prepare(accelerator, model, train_loader, loss_fn)
+    max_steps = count_max_steps(cfg, train_loader, len(train_pairs), accelerator)
+    optimizer, scheduler = build_optimizer_and_scheduler(cfg, model, loss_fn, max_steps, accelerator)
+    state = resume(accelerator, checkpoint, cfg, out)
+
+    state = train_loop(
+        cfg, accelerator, model, loss_fn, optimizer, scheduler, train_loader, sampler, state, max_steps,
+        evaluate=partial(evaluate, sets={"target": eval_sets["target"]}), out=out,
+    )
+
+    results["adapted"], skipped_eval = evaluate(accelerator.unwrap_model(model), sets=eval_sets, desc="adapted")
+    write_artifacts(cfg, accelerator, accelerator.unwrap_model(model), processor, results, state, skipped_eval, eval_sets, out)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_loop(cfg, accelerator, model, loss_fn, optimizer, scheduler, loader, sampler, state, max_steps, *, evaluate, out):
+    log_file = out / "train_log.jsonl"
+    progress = tqdm(total=max_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process)
+    last_saved = state.step if state.step else -1  # a resumed run starts on a saved checkpoint
+    pending_skipped = 0  # unreadable images seen by this process since the last checkpoint
+    checked_gradients = False
+    started = time.time() - state.train_seconds
+    model.train()
+    while state.step < max_steps:
+        sampler.epoch = state.epoch
+        skip = state.batches_done_in_epoch
+        usable = 0
+        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            state.batches_done_in_epoch += 1
+            pending_skipped += int(batch["corrupt_images"])
+            if not every_process_has_pairs(batch, accelerator):  # all ranks skip it together: no one waits
+                state.skipped_batches += 1
+                continue
+            usable += 1
+            with accelerator.accumulate(model):
+                loss, terms = contrastive_step(model, batch, loss_fn, gather=cfg.loss.gather_across_processes)
+                check_finite(loss, terms, state, scheduler)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if not checked_gradients:
+                        check_adapters_get_gradient(model)
+                        checked_gradients = True
+                    if cfg.optim.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(all_trainable(model, loss_fn), cfg.optim.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+
+            state.step += 1
+            state.train_seconds = time.time() - started
+            lr = scheduler.get_last_lr()[0]
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+            if state.step % cfg.train.log_every_steps == 0 and accelerator.is_main_process:
+                scale = float(logit_scale(model).exp().item())
+                append_log(log_file, {"step": state.step, "epoch": state.epoch, "lr": lr, **{k: v.item() for k, v in terms.items()}, "logit_scale": scale})
+            if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < max_steps:
+                periodic, _ = evaluate(accelerator.unwrap_model(model), desc=f"step {state.step}")
+                if accelerator.is_main_process:
+                    progress.write(f"step {state.step}: target t2i R@1 {periodic['target']['t2i']['R@1']:.2f}")
+                    append_log(log_file, {"step": state.step, "eval": periodic})
+            if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
+                pending_skipped = checkpoint(accelerator, cfg, out, state, pending_skipped)
+                last_saved = state.step
+            if state.step >= max_steps:
+                break
+        else:
+            if usable == 0 and skip == 0:
+                raise TrainingError(
+                    f"data.train: a whole pass over the data had no batch with a readable image on every process "
+                    f"({state.skipped_batches} batches skipped): check the image column and files"
+                )
+            state.epoch, state.batches_done_in_epoch = state.epoch + 1, 0
+    progress.close()
+    if last_saved != state.step:  # the periodic checkpoint may already be the final one
+        pending_skipped = checkpoint(accelerator, cfg, out, state, pending_skipped)
+    return state
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def build_accelerator(cfg: RecipeConfig) -> Accelerator:
+    use_all_cores_on_cpu()
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        cpu=several_processes_on_cpu(),
+    )
+    warn_if_cpu_processes_were_dropped(accelerator)
+    set_seed(cfg.train.seed)
+    return accelerator
+
+
+def check_recipe_against_model(cfg: RecipeConfig) -> int:
+    """The caption token limit, checked against the model's config before weights or data are loaded."""
+    config = load_model_config(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    limit = model_layout(config).text_position_limit
+    if cfg.data.max_text_length is not None and cfg.data.max_text_length > limit:
+        raise ConfigError(
+            "recipe",
+            [f"data.max_text_length: {cfg.data.max_text_length} is more than the text tower of "
+             f"model.name_or_path={cfg.model.name_or_path} can read ({limit} tokens); use at most {limit}"],
+        )
+    return cfg.data.max_text_length or limit
+
+
+def prepare_output_dir(cfg: RecipeConfig, out: Path, accelerator: Accelerator) -> Path | None:
+    """Write the resolved config; find (and vet) the checkpoint to resume from, if any."""
+    root = out / "checkpoints"
+    if accelerator.is_main_process:
+        removed = remove_partial_checkpoints(root)
+        if removed:
+            accelerator.print(f"Removed {len(removed)} half-written checkpoint(s): {', '.join(p.name for p in removed)}")
+    accelerator.wait_for_everyone()
+    if cfg.train.resume_from is None:
+        if latest_checkpoint(root) is not None:  # never mix two runs' checkpoints
+            raise TrainingError(
+                f"train.output_dir {out} already holds checkpoints of an earlier run: continue it with "
+                "train.resume_from=latest, or pick a new train.output_dir (or delete the folder)"
+            )
+        checkpoint = None
+    elif cfg.train.resume_from == "latest":
+        checkpoint = latest_checkpoint(root)
+        if checkpoint is None:
+            accelerator.print(f"train.resume_from=latest: no complete checkpoint in {root}, starting from step 0")
+    else:
+        checkpoint = Path(cfg.train.resume_from)
+    if checkpoint is not None:
+        saved = TrainerState.from_json(read_trainer_state(checkpoint))
+        check_resumable(saved, checkpoint, cfg.model_dump(mode="json"), accelerator.num_processes)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    return checkpoint
+
+
+def dataset_arguments(spec: DatasetSpec) -> dict:
+    """The dataset spec as the loader's plain arguments, field by field."""
+    return dict(
+        path=spec.path, name=spec.name, revision=spec.revision, data_files=spec.data_files, split=spec.split,
+        image_column=spec.image_column, caption_column=spec.caption_column, image_id_column=spec.image_id_column,
+        label_column=spec.label_column, max_samples=spec.max_samples,
+        synthetic=spec.synthetic.model_dump() if spec.synthetic is not None else None,
+    )
+
+
+def build_datasets(cfg: RecipeConfig, tokenizer, max_text_length: int, accelerator: Accelerator):
+    specs = {"data.train": cfg.data.train, "data.eval.target": cfg.data.eval.target}
+    if cfg.data.eval.source is not None:
+        specs["data.eval.source"] = cfg.data.eval.source
+    with accelerator.main_process_first():  # the main process fills the datasets cache first
+        loaded = {key: load_image_text_dataset(key=key, **dataset_arguments(spec)) for key, spec in specs.items()}
+    for key, pairs in loaded.items():
+        count, example = count_truncated_captions(tokenizer, pairs["caption"], max_text_length)
+        if count:
+            accelerator.print(format_truncation_warning(key, count, len(pairs), example, max_text_length, tokenizer.model_max_length))
+    train_pairs = loaded.pop("data.train")
+    eval_sets = {key.rsplit(".", 1)[1]: RetrievalSet.from_pairs(pairs) for key, pairs in loaded.items()}
+    accelerator.print(
+        f"Train: {len(train_pairs)} caption-image pairs. Eval: "
+        + ", ".join(f"{k} {v.num_images} images / {len(v.captions)} captions" for k, v in eval_sets.items())
+    )
+    for name, rset in eval_sets.items():
+        dup = duplicate_caption_texts(rset.captions)
+        if dup["duplicate_captions"]:
+            accelerator.print(
+                f"Eval set {name}: {dup['duplicate_captions']} of {dup['captions']} captions share their text with "
+                f"another caption (e.g. {dup['example']!r}); their exact ties are scored as the expected rank"
+            )
+    return train_pairs, eval_sets
+
+
+def zero_shot_results(model, evaluate, eval_sets, out: Path, checkpoint: Path | None, accelerator) -> dict:
+    """The unadapted model on the same splits; a resumed run keeps the baseline it measured."""
+    path = out / "eval" / "zero_shot.json"
+    if checkpoint is not None and path.is_file():
+        return json.loads(path.read_text())
+    model.to(accelerator.device)
+    results, _ = evaluate(model, sets=eval_sets, desc="zero-shot")
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(results, indent=2))
+    return results
+
+
+def tower_lora(cfg: LoraTowerConfig) -> TowerLora:
+    return TowerLora(
+        enabled=cfg.enabled, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+        target_modules=tuple(cfg.target_modules), layers=tuple(cfg.layers) if cfg.layers is not None else None,
+    )
+
+
+def build_model(cfg: RecipeConfig, model, accelerator: Accelerator):
+    """LoRA on both towers (each with its own settings), optional gradient checkpointing."""
+    model = add_lora(
+        model, vision=tower_lora(cfg.lora.vision), text=tower_lora(cfg.lora.text),
+        train_projections=cfg.model.train_projections, train_logit_scale=cfg.model.train_logit_scale,
+    )
+    if cfg.train.enable_gradient_checkpointing:
+        base = model.get_base_model()
+        # Non-reentrant checkpointing lets gradients reach LoRA weights behind frozen embeddings.
+        if hasattr(base, "activation_checkpointing_enable"):  # the name newer transformers releases use
+            base.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for tower, n in trainable_parameters_by_tower(model).items():
+        if n["trainable"] or tower != "shared":
+            accelerator.print(f"Trainable {tower:>6}: {n['trainable']:,} / {n['total']:,} ({100 * n['trainable'] / n['total']:.2f}%)")
+    return model
+
+
+def build_loss(cfg: RecipeConfig) -> torch.nn.Module:
+    return ClipInfoNCE()
+
+
+def build_train_loader(cfg: RecipeConfig, train_pairs, processor, max_text_length: int):
+    sampler = EpochShuffleSampler(len(train_pairs), cfg.train.seed)
+    loader = DataLoader(
+        train_pairs,
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        collate_fn=ImageTextCollator(processor, max_text_length),
+        drop_last=True,  # equal batches: every step has batch_size x processes negatives
+        num_workers=cfg.data.num_workers,
+    )
+    return loader, sampler
+
+
+def prepare(accelerator: Accelerator, model, loader, loss_fn):
+    """Accelerate wraps the model and shards the loader; a loss with parameters is a model too (DDP, checkpoints)."""
+    if any(p.requires_grad for p in loss_fn.parameters()):
+        model, loader, loss_fn = accelerator.prepare(model, loader, loss_fn)
+    else:
+        model, loader = accelerator.prepare(model, loader)
+        loss_fn = loss_fn.to(accelerator.device)
+    register_trainable_only_state(accelerator)
+    return model, loader, loss_fn
+
+
+def count_max_steps(cfg: RecipeConfig, loader, num_pairs: int, accelerator: Accelerator) -> int:
+    if len(loader) == 0:
+        raise TrainingError(
+            f"data.train has {num_pairs} pairs: fewer than one batch of train.batch_size="
+            f"{cfg.train.batch_size} x {accelerator.num_processes} processes"
+        )
+    steps_per_epoch = math.ceil(len(loader) / cfg.train.gradient_accumulation_steps)
+    return cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
+
+
+def all_trainable(model, loss_fn) -> list[torch.nn.Parameter]:
+    return [p for module in (model, loss_fn) for p in module.parameters() if p.requires_grad]
+
+
+def build_optimizer_and_scheduler(cfg: RecipeConfig, model, loss_fn, max_steps: int, accelerator: Accelerator):
+    o = cfg.optim
+    scale = logit_scale(model)
+    no_decay = [p for p in all_trainable(model, loss_fn) if p is scale or p.ndim == 0]  # temperatures, biases
+    decay = [p for p in all_trainable(model, loss_fn) if all(p is not q for q in no_decay)]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    optimizer = accelerator.prepare(torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps))
+    warmup = o.warmup_steps if o.warmup_steps is not None else int(round((o.warmup_ratio or 0.0) * max_steps))
+    scheduler = get_scheduler(
+        o.scheduler if o.scheduler != "constant" else "constant_with_warmup",
+        optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=max_steps,
+    )
+    # Not through prepare(): that would step the schedule once per process. Saved with the state.
+    accelerator.register_for_checkpointing(scheduler)
+    return optimizer, scheduler
+
+
+def resume(accelerator: Accelerator, checkpoint: Path | None, cfg: RecipeConfig, out: Path) -> TrainerState:
+    """Restore tensors, optimizer, scheduler and RNG; cut the log back to the checkpoint's step."""
+    if checkpoint is None:
+        return TrainerState(num_processes=accelerator.num_processes, config=cfg.model_dump(mode="json"))
+    accelerator.load_state(str(checkpoint))
+    state = TrainerState.from_json(read_trainer_state(checkpoint))
+    if accelerator.is_main_process:
+        truncate_log(out / "train_log.jsonl", state.step)
+    accelerator.print(f"Resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, batch {state.batches_done_in_epoch})")
+    return state
+
+
+# ----------------------------------------------------------------------------- loop helpers
+
+
+def every_process_has_pairs(batch: dict, accelerator: Accelerator) -> bool:
+    """False when this or any other process got a batch whose images were all unreadable."""
+    rows = torch.tensor([len(batch["image_index"])], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        dist.all_reduce(rows, op=dist.ReduceOp.MIN)
+    return bool(rows.item() > 0)
+
+
+def check_finite(loss, terms, state: TrainerState, scheduler) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"non-finite loss at step {state.step + 1} (epoch {state.epoch}, batch {state.batches_done_in_epoch}): "
+            + ", ".join(f"{k}={v.item()}" for k, v in terms.items())
+            + f"; lr={scheduler.get_last_lr()[0]:.3g}. Lower optim.lr or use train.mixed_precision=bf16"
+        )
+
+
+def check_adapters_get_gradient(model) -> None:
+    """The silent no-op: adapters that never receive gradient."""
+    dead = [t for t, ok in lora_gradient_report(model).items() if not ok]
+    if dead:
+        raise TrainingError(
+            f"LoRA adapters in the {', '.join(dead)} tower(s) got no gradient after the first step: "
+            "check lora.<tower>.target_modules / layers"
+        )
+
+
+def checkpoint(accelerator: Accelerator, cfg: RecipeConfig, out: Path, state: TrainerState, pending_skipped: int) -> int:
+    """Fold this process's unreadable-image count into the state, save; returns the new pending count (0)."""
+    skipped = torch.tensor(pending_skipped, device=accelerator.device)
+    state.skipped_images += int(accelerator.reduce(skipped, "sum").item())
+    save_checkpoint(accelerator, out / "checkpoints", state.step, state.to_json(), cfg.train.keep_last_checkpoints)
+    return 0
+
+
+def append_log(path: Path, record: dict) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop records past the checkpoint a run resumes from: they are about to be written again."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def write_artifacts(cfg, accelerator, model, processor, results, state: TrainerState, skipped_eval, eval_sets, out: Path) -> None:
+    """Adapter + processor (+ extra trained tensors), results JSON/markdown/PNG, model cards."""
+    if not accelerator.is_main_process:
+        return
+    adapter_dir = out / "adapter"
+    model.save_pretrained(adapter_dir)
+    save_processor(processor, adapter_dir)
+    extra = extra_trainable_state(model)
+    if extra:
+        save_file({k: v.cpu() for k, v in extra.items()}, adapter_dir / EXTRA_TRAINABLES_FILE)
+    files = write_results(results, out / "eval")
+    table = format_results_table(results)
+    accelerator.print("\n" + table)
+    accelerator.print(f"Wrote {files['json']}, {files['md']}, {files['png']}")
+    if state.skipped_images or any(skipped_eval.values()):
+        accelerator.print(f"Skipped unreadable images: train {state.skipped_images}, eval {skipped_eval}")
+    if state.skipped_batches:
+        accelerator.print(f"Skipped {state.skipped_batches} training batches with no readable image on some process")
+    for card in (out / "README.md", adapter_dir / "README.md"):  # the adapter folder travels alone
+        write_model_card(
+            card, cfg=cfg, results_table=table, trainable=trainable_parameters_by_tower(model), steps=state.step,
+            train_seconds=state.train_seconds, num_processes=accelerator.num_processes,
+        )
+    accelerator.print(f"Adapter: {adapter_dir}  (load with finetune.model.load_adapted({str(out)!r}) or plain PEFT)")
+
+
+# ----------------------------------------------------------------------------- processes and threads
 
 
 def several_processes_on_cpu() -> bool:
@@ -153,6 +497,22 @@ def several_processes_on_cpu() -> bool:
     silently train alone on the whole dataset.
     """
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def use_all_cores_on_cpu() -> None:
+    """`accelerate launch` without a config sets OMP_NUM_THREADS=1 for the script, so a CPU run would
+    use one core of many. On CPU, when the only thread setting is that default, share the machine's
+    cores among the local processes. DOMAINCLIP_NUM_THREADS (or OMP_NUM_THREADS > 1) wins."""
+    if torch.cuda.is_available():
+        return
+    if os.environ.get("DOMAINCLIP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["DOMAINCLIP_NUM_THREADS"]))
+        return
+    launched_by_accelerate = "ACCELERATE_DYNAMO_BACKEND" in os.environ  # set by every `accelerate launch`
+    if launched_by_accelerate and os.environ.get("OMP_NUM_THREADS") == "1":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // local))
 
 
 def warn_if_cpu_processes_were_dropped(accelerator: Accelerator) -> None:
@@ -165,228 +525,6 @@ def warn_if_cpu_processes_were_dropped(accelerator: Accelerator) -> None:
             "`accelerate launch --multi_gpu --num_processes N finetune/train.py ...` or "
             "`torchrun --nproc_per_node N finetune/train.py ...`. Continuing with 1 process."
         )
-
-
-def run(cfg: RecipeConfig) -> int:
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        cpu=several_processes_on_cpu(),
-    )
-    warn_if_cpu_processes_were_dropped(accelerator)
-    set_seed(cfg.train.seed)
-    out = Path(cfg.train.output_dir)
-    ckpt_root = out / "checkpoints"
-    log = accelerator.print
-    if cfg.train.resume_from is None and latest_checkpoint(ckpt_root) is not None:
-        # Never mix two runs' checkpoints (and never let `latest` point into an older run).
-        raise TrainingError(
-            f"train.output_dir {out} already holds checkpoints of an earlier run: continue it with "
-            "train.resume_from=latest, or pick a new train.output_dir (or delete the folder)"
-        )
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        removed = remove_partial_checkpoints(ckpt_root)
-        if removed:
-            log(f"Removed {len(removed)} half-written checkpoint(s): {', '.join(p.name for p in removed)}")
-
-    # -- model and data
-    model, processor = load_clip(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-    max_text_length = cfg.data.max_text_length or model.config.text_config.max_position_embeddings
-    with accelerator.main_process_first():  # the main process fills the datasets cache first
-        train_pairs = build_dataset(cfg.data.train, "data.train")
-        eval_sets = build_eval_sets(cfg)
-    log(
-        f"Train: {len(train_pairs)} caption-image pairs. Eval: "
-        + ", ".join(f"{k} {len(v.images)} images / {len(v.captions)} captions" for k, v in eval_sets.items())
-    )
-    eval_kwargs = dict(
-        batch_size=cfg.eval.batch_size, max_text_length=max_text_length, ks=tuple(cfg.eval.ks), accelerator=accelerator
-    )
-
-    # -- zero-shot baseline, on the same eval splits, before any adapter exists
-    results: dict = {}
-    zero_shot_file = out / "eval" / "zero_shot.json"
-    if cfg.eval.zero_shot:
-        if cfg.train.resume_from is not None and zero_shot_file.is_file():  # a resumed run keeps its baseline
-            results["zero_shot"] = json.loads(zero_shot_file.read_text())
-        else:
-            model.to(accelerator.device)
-            results["zero_shot"], _ = evaluate_retrieval(model, processor, eval_sets, desc="zero-shot", **eval_kwargs)
-            if accelerator.is_main_process:
-                zero_shot_file.parent.mkdir(parents=True, exist_ok=True)
-                zero_shot_file.write_text(json.dumps(results["zero_shot"], indent=2))
-
-    # -- LoRA on both towers
-    model = add_lora(
-        model,
-        vision=tower_lora(cfg.lora.vision),
-        text=tower_lora(cfg.lora.text),
-        train_projections=cfg.model.train_projections,
-        train_logit_scale=cfg.model.train_logit_scale,
-    )
-    if cfg.train.enable_gradient_checkpointing:
-        base = model.base_model.model
-        # Non-reentrant checkpointing lets gradients reach LoRA weights behind frozen embeddings.
-        if hasattr(base, "activation_checkpointing_enable"):  # the name newer transformers releases use
-            base.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for tower, n in trainable_parameters_by_tower(model).items():
-        if n["trainable"] or tower != "shared":
-            log(f"Trainable {tower:>6}: {n['trainable']:,} / {n['total']:,} ({100 * n['trainable'] / n['total']:.2f}%)")
-
-    loss_fn = ClipInfoNCE(gather_across_processes=cfg.loss.gather_across_processes)
-    optimizer = build_optimizer(model, cfg.optim)
-    sampler = EpochShuffleSampler(len(train_pairs), cfg.train.seed)
-    train_loader = DataLoader(
-        train_pairs,
-        batch_size=cfg.train.batch_size,
-        sampler=sampler,
-        collate_fn=ImageTextCollator(processor, max_text_length),
-        drop_last=True,  # equal batches: every step has batch_size x processes negatives
-        num_workers=cfg.data.num_workers,
-    )
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    if len(train_loader) == 0:
-        raise TrainingError(
-            f"data.train has {len(train_pairs)} pairs: fewer than one batch of train.batch_size="
-            f"{cfg.train.batch_size} x {accelerator.num_processes} processes"
-        )
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.gradient_accumulation_steps)
-    max_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
-    scheduler = get_scheduler(
-        cfg.optim.scheduler if cfg.optim.scheduler != "constant" else "constant_with_warmup",
-        optimizer=optimizer,
-        num_warmup_steps=warmup_steps(cfg.optim, max_steps),
-        num_training_steps=max_steps,
-    )
-    # Not through prepare(): that would step the schedule once per process. Saved with the state.
-    accelerator.register_for_checkpointing(scheduler)
-    register_trainable_only_state(accelerator)
-
-    # -- resume
-    step, epoch, batches_done = 0, 0, 0
-    if cfg.train.resume_from is not None:
-        checkpoint = latest_checkpoint(ckpt_root) if cfg.train.resume_from == "latest" else Path(cfg.train.resume_from)
-        if checkpoint is None:
-            log(f"train.resume_from=latest: no complete checkpoint in {ckpt_root}, starting from step 0")
-        else:
-            accelerator.load_state(str(checkpoint))
-            state = read_trainer_state(checkpoint)
-            step, epoch, batches_done = state["step"], state["epoch"], state["batches_done_in_epoch"]
-            log(f"Resumed from {checkpoint} at step {step} (epoch {epoch}, batch {batches_done})")
-
-    def checkpoint_now() -> Path:
-        state = {"step": step, "epoch": epoch, "batches_done_in_epoch": batches_done, "config": cfg.model_dump(mode="json")}
-        return save_checkpoint(accelerator, ckpt_root, step, state, cfg.train.keep_last_checkpoints)
-
-    # -- the loop
-    log_file = out / "train_log.jsonl"
-    corrupt_train_images = 0
-    checked_gradients = False
-    progress = tqdm(total=max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
-    started = time.time()
-    logit_scale = accelerator.unwrap_model(model).base_model.model.logit_scale  # the parameter itself
-    model.train()
-    while step < max_steps:
-        sampler.epoch = epoch
-        batches = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
-        for batch in batches:
-            batches_done += 1
-            corrupt_train_images += int(batch["corrupt_images"])
-            with accelerator.accumulate(model):
-                outputs = model(
-                    pixel_values=batch["pixel_values"],
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                )
-                terms = loss_fn(outputs.image_embeds, outputs.text_embeds, logit_scale, batch["image_index"])
-                loss = sum(terms.values())
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"non-finite loss at step {step + 1} (epoch {epoch}, batch {batches_done}): "
-                        + ", ".join(f"{k}={v.item()}" for k, v in terms.items())
-                        + f"; lr={scheduler.get_last_lr()[0]:.3g}. Lower optim.lr or use train.mixed_precision=bf16"
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if not checked_gradients:  # the silent no-op: adapters that never receive gradient
-                        dead = [t for t, ok in lora_gradient_report(model).items() if not ok]
-                        if dead:
-                            raise TrainingError(
-                                f"LoRA adapters in the {', '.join(dead)} tower(s) got no gradient after the first "
-                                "step: check lora.<tower>.target_modules / layers"
-                            )
-                        checked_gradients = True
-                    if cfg.optim.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            lr = scheduler.get_last_lr()[0]
-            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-            if step % cfg.train.log_every_steps == 0 and accelerator.is_main_process:
-                record = {"step": step, "epoch": epoch, "lr": lr, **{k: v.item() for k, v in terms.items()}}
-                record["logit_scale"] = float(logit_scale.exp().item())
-                with log_file.open("a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < max_steps:
-                periodic, _ = evaluate_retrieval(
-                    accelerator.unwrap_model(model), processor, {"target": eval_sets["target"]}, desc=f"step {step}", **eval_kwargs
-                )
-                r1 = periodic["target"]["t2i"]["R@1"]
-                progress.write(f"step {step}: target t2i R@1 {r1:.2f}")
-                if accelerator.is_main_process:
-                    with log_file.open("a") as fh:
-                        fh.write(json.dumps({"step": step, "eval": periodic}) + "\n")
-            if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
-                checkpoint_now()
-            if step >= max_steps:
-                break
-        else:
-            epoch, batches_done = epoch + 1, 0
-    progress.close()
-    train_seconds = time.time() - started
-    checkpoint_now()
-
-    # -- adapter, final evaluation, report
-    unwrapped = accelerator.unwrap_model(model)
-    results["adapted"], corrupt_eval = evaluate_retrieval(unwrapped, processor, eval_sets, desc="adapted", **eval_kwargs)
-    corrupt_train_images = int(accelerator.reduce(torch.tensor(corrupt_train_images, device=accelerator.device), "sum"))
-    if accelerator.is_main_process:
-        adapter_dir = out / "adapter"
-        unwrapped.save_pretrained(adapter_dir)
-        save_processor(processor, adapter_dir)
-        extra = extra_trainable_state(unwrapped)
-        if extra:
-            save_file({k: v.cpu() for k, v in extra.items()}, adapter_dir / "extra_trainables.safetensors")
-        files = write_results(results, out / "eval")
-        table = format_results_table(results)
-        log("\n" + table)
-        log(f"Wrote {files['json']}, {files['md']}, {files['png']}")
-        if corrupt_train_images or any(corrupt_eval.values()):
-            log(f"Skipped unreadable images: train {corrupt_train_images}, eval {corrupt_eval}")
-        for card in (out / "README.md", adapter_dir / "README.md"):  # the adapter folder travels alone
-            write_model_card(
-                card,
-                cfg=cfg,
-                results_table=table,
-                trainable=trainable_parameters_by_tower(unwrapped),
-                steps=step,
-                train_seconds=train_seconds,
-                num_processes=accelerator.num_processes,
-            )
-        log(f"Adapter: {adapter_dir}  (load with peft.PeftModel.from_pretrained(CLIPModel.from_pretrained(base), adapter))")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return 0
 
 
 if __name__ == "__main__":

@@ -38,7 +38,10 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--patch-size", type=int, default=8)
-    parser.add_argument("--vocab-size", type=int, default=400)
+    parser.add_argument(
+        "--vocab-size", type=int, default=124,
+        help="learned BPE tokens, on top of the 514 every tokenizer holds (special tokens, each byte bare and word-final)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)

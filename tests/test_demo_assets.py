@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import pre_tokenizers
 from transformers import AutoProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, CLIPTokenizerFast
 
 from data_tools.loading import RetrievalSet, load_image_text_dataset
@@ -24,14 +25,34 @@ def test_demo_folder_loads_with_the_real_classes():
     model = CLIPModel.from_pretrained(DEMO)
     processor = CLIPProcessor.from_pretrained(DEMO)
     assert isinstance(AutoProcessor.from_pretrained(DEMO), CLIPProcessor)
+    # Domain captions, then digits, unseen words and non-ASCII text, as CLIP decodes them (digits and
+    # punctuation are words of their own).
+    texts = {
+        "a large red circle in the top left": "a large red circle in the top left",
+        "finding: wedge amber small lesion, lower right": "finding : wedge amber small lesion , lower right",
+        "six small circles": "six small circles",
+        "a large red circle 42": "a large red circle 4 2",
+        "Zebra crossing at 3pm, café Ωmega!": "zebra crossing at 3 pm , café ωmega !",
+    }
     for cls in (CLIPTokenizer, CLIPTokenizerFast):
         tok = cls.from_pretrained(DEMO)
-        ids = tok("a large red circle in the top left")["input_ids"]
-        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
-        assert tok.unk_token_id not in ids[1:-1]  # the BPE covers the domain's words (unk == eos in CLIP)
-        assert tok.decode(ids, skip_special_tokens=True) == "a large red circle in the top left"
+        for text, decoded in texts.items():
+            ids = tok(text)["input_ids"]
+            assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+            # unk == eos in CLIP and the text tower pools at the first eos: an early one cuts the caption.
+            assert tok.eos_token_id not in ids[1:-1], (text, tok.convert_ids_to_tokens(ids))
+            assert tok.unk_token_id not in ids[1:-1], (text, tok.convert_ids_to_tokens(ids))
+            assert tok.decode(ids, skip_special_tokens=True) == decoded
     pixels = processor.image_processor(images=[torch.zeros(3, 40, 50).numpy().transpose(1, 2, 0)], return_tensors="pt")
     assert pixels["pixel_values"].shape == (1, 3, model.config.vision_config.image_size, model.config.vision_config.image_size)
+
+
+def test_demo_vocabulary_holds_every_byte_bare_and_word_final():
+    vocab = CLIPTokenizer.from_pretrained(DEMO).get_vocab()
+    symbols = pre_tokenizers.ByteLevel.alphabet()
+    assert len(symbols) == 256
+    assert [s for s in symbols if s not in vocab or s + "</w>" not in vocab] == []
+    assert CLIPModel.from_pretrained(DEMO).config.text_config.vocab_size == len(vocab)
 
 
 def test_demo_base_knows_the_source_and_not_the_target():
