@@ -3,17 +3,49 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Mapping
 
 import yaml
 
 from finetune.config import RecipeConfig
+from finetune.io import atomic_write_text
+from finetune.report import format_set_notes
 
 
 def _dataset_name(spec) -> str:
     if spec.synthetic is not None:
         return f"synthetic {spec.synthetic.domain} domain ({spec.synthetic.num_images} images, seed {spec.synthetic.seed})"
     return f"{spec.path} (split {spec.split})"
+
+
+def describe_negatives(batch_size: int, num_processes: int, gather_across_processes: bool) -> str:
+    """What one contrastive loss sees, as a sentence: how many pairs and negatives per pair.
+
+    Gathering only adds negatives when there is more than one process; without it each process's
+    loss sees its own batch alone. "Up to" because captions of the same image are masked out of
+    each other's denominators (finetune/losses.py), so they are never negatives.
+    """
+    for name, value in (("batch_size", batch_size), ("num_processes", num_processes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    same_image = "captions of the same image are never each other's negatives"
+    if num_processes == 1:
+        return (
+            f"Each contrastive loss sees one batch of {batch_size} pairs: up to {batch_size - 1} "
+            f"in-batch negatives per pair ({same_image})."
+        )
+    global_batch = batch_size * num_processes
+    if gather_across_processes:
+        return (
+            f"Features are gathered across the {num_processes} processes before the loss, so each "
+            f"contrastive loss sees {global_batch} pairs: up to {global_batch - 1} in-batch negatives "
+            f"per pair ({same_image})."
+        )
+    return (
+        "Features are not gathered across processes (`loss.gather_across_processes: false`), so each "
+        f"process's contrastive loss sees only its own {batch_size} pairs: up to {batch_size - 1} "
+        f"in-batch negatives per pair, not {global_batch - 1} ({same_image})."
+    )
 
 
 def write_model_card(
@@ -25,7 +57,20 @@ def write_model_card(
     steps: int,
     train_seconds: float,
     num_processes: int,
+    set_notes: Mapping[str, str] | None = None,
 ) -> None:
+    """Write the README.md model card for an adapter.
+
+    Args:
+        path: the card file (its folder must exist).
+        cfg: the resolved recipe the adapter was trained with.
+        results_table: the markdown table from `finetune.report.format_results_table`.
+        trainable: per-tower parameter counts from `finetune.model.trainable_parameters_by_tower`.
+        steps: optimizer steps run.
+        train_seconds: wall time of the training loop.
+        num_processes: processes that trained together.
+        set_notes: optional ``{eval set: text}`` printed under the table (see report.py).
+    """
     base = cfg.model.name_or_path
     towers = []
     for tower in ("vision", "text"):
@@ -39,6 +84,8 @@ def write_model_card(
             )
         else:
             towers.append(f"- **{tower}**: frozen")
+    negatives = describe_negatives(cfg.train.batch_size, num_processes, cfg.loss.gather_across_processes)
+    notes = f"\n{format_set_notes(set_notes)}\n" if set_notes else ""
     front = {"library_name": "peft", "base_model": base, "tags": ["clip", "lora", "image-text-retrieval"]}
     text = f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
@@ -58,17 +105,18 @@ Adapted for image-text retrieval with symmetric InfoNCE, LoRA on both towers.
 - projections trained: {cfg.model.train_projections}; logit scale trained: {cfg.model.train_logit_scale}
 
 ## Training
-{steps} optimizer steps of {cfg.train.batch_size} pairs per process x {num_processes} process(es), so
-{cfg.train.batch_size * num_processes - 1} in-batch negatives per pair; gradient accumulation
-{cfg.train.gradient_accumulation_steps}; lr {cfg.optim.lr:g} ({cfg.optim.scheduler}); mixed precision
+{steps} optimizer steps of {cfg.train.batch_size} pairs per process x {num_processes} process(es).
+{negatives} Gradient accumulation {cfg.train.gradient_accumulation_steps} (averages gradients over
+micro-batches; adds no negatives); lr {cfg.optim.lr:g} ({cfg.optim.scheduler}); mixed precision
 {cfg.train.mixed_precision}; {train_seconds:.0f} s of training. The full resolved recipe is `config.yaml`.
 
-## Retrieval, zero-shot vs adapted
+## Retrieval
 R@K is the percentage of queries whose match is in the top K (text->image: the caption's image;
-image->text: any of the image's captions).
+image->text: any of the image's captions). Exact score ties count at their expected value under a
+random order of the tied candidates.
 
 {results_table}
-
+{notes}
 ## Use
 ```python
 from peft import PeftModel
@@ -78,7 +126,4 @@ model = PeftModel.from_pretrained(CLIPModel.from_pretrained("{base}"), "adapter"
 processor = CLIPProcessor.from_pretrained("adapter")
 ```
 """
-    path = Path(path)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)

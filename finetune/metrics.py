@@ -60,7 +60,8 @@ class QueryRanks:
             pessimistic rank is ``1 + better + tied``.
         tied_own: (Q,) int64, own candidates scoring exactly that score (>= 1; always 1 for
             text->image). Own candidates scoring below it do not affect the rank.
-        own_score: (Q,) float32, the best own cosine similarity.
+        own_score: (Q,) float32, the best own cosine similarity (its last bit may depend on how
+            many queries were scored together).
     """
 
     better: torch.Tensor
@@ -118,7 +119,8 @@ def retrieval_ranks(
         text_to_image: (N_txt,) integer index of each caption's image. Every image needs at least
             one caption, otherwise its image->text rank is undefined.
         chunk_bytes: bytes of similarity scores held at once; sets how many query rows are scored
-            together (at least one) and never changes the result.
+            together (at least one). The counts do not depend on it: every comparison is made
+            within one row of one matrix product.
 
     Returns:
         ``{"t2i": QueryRanks over captions, "i2t": QueryRanks over images}``.
@@ -134,12 +136,12 @@ def retrieval_ranks(
 
     device = image_emb.device
     with torch.no_grad():
-        img_unique, img_of = _unique_unit_rows(image_emb.to(device))  # (U_img, D), (N_img,)
-        txt_unique, txt_of = _unique_unit_rows(text_emb.to(device))  # (U_txt, D), (N_txt,)
+        img_unique, img_of = _unique_unit_rows(image_emb.to(device))  # (U_img, D), (N_img,) or None
+        txt_unique, txt_of = _unique_unit_rows(text_emb.to(device))  # (U_txt, D), (N_txt,) or None
         t2i_idx = text_to_image.detach().to(device=device, dtype=torch.long)  # (N_txt,)
         return {
-            "t2i": _text_to_image_ranks(txt_unique[txt_of], img_unique, img_of, t2i_idx, int(chunk_bytes)),
-            "i2t": _image_to_text_ranks(img_unique[img_of], txt_unique, txt_of, t2i_idx, int(chunk_bytes)),
+            "t2i": _text_to_image_ranks(_spread(txt_unique, txt_of), img_unique, img_of, t2i_idx, int(chunk_bytes)),
+            "i2t": _image_to_text_ranks(_spread(img_unique, img_of), txt_unique, txt_of, t2i_idx, int(chunk_bytes)),
         }
 
 
@@ -272,36 +274,54 @@ def _validate_inputs(
         )
 
 
-def _unique_unit_rows(emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _unique_unit_rows(emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Distinct rows (in float32, L2-normalised) and, for every input row, the index of its row.
 
     Normalising the distinct rows, not every copy, is what makes copies score bit-identically.
+    Without copies the rows are returned in their own order with None for the index, which spares
+    the scoring loop a column gather per chunk.
     """
-    unique, inverse = torch.unique(emb.detach().float(), dim=0, return_inverse=True)  # (U, D), (N,)
+    emb = emb.detach().float()
+    unique, inverse = torch.unique(emb, dim=0, return_inverse=True)  # (U, D), (N,)
+    if unique.shape[0] == emb.shape[0]:
+        return F.normalize(emb, dim=-1), None
     return F.normalize(unique, dim=-1), inverse
 
 
+def _spread(unique: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Rows of `unique` for every original row (see `_unique_unit_rows`)."""
+    return unique if index is None else unique[index]
+
+
+def _score(queries: torch.Tensor, unique: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """(B, N) cosine scores of queries vs every candidate, each distinct candidate scored once."""
+    sim = queries @ unique.T  # (B, U)
+    return sim if index is None else sim[:, index]
+
+
 def _rows_per_chunk(n_unique: int, n_candidates: int, chunk_bytes: int) -> int:
-    """Query rows whose scores fit in chunk_bytes: one score per distinct and per spread candidate."""
-    return max(1, chunk_bytes // (_SCORE_BYTES * (n_unique + n_candidates)))
+    """Query rows whose scores fit in chunk_bytes: a score per distinct candidate, then per candidate
+    once spread over copies (the first block alone when there are none)."""
+    scores_per_row = n_candidates + (n_unique if n_unique < n_candidates else 0)
+    return max(1, chunk_bytes // (_SCORE_BYTES * scores_per_row))
 
 
 def _text_to_image_ranks(
     txt: torch.Tensor,
     img_unique: torch.Tensor,
-    img_of: torch.Tensor,
+    img_of: torch.Tensor | None,
     t2i_idx: torch.Tensor,
     chunk_bytes: int,
 ) -> QueryRanks:
     """Own image vs all images for every caption, caption chunks at a time."""
-    n_txt, n_img = txt.shape[0], img_of.shape[0]
+    n_txt, n_img = txt.shape[0], len(img_unique if img_of is None else img_of)
     rows = _rows_per_chunk(img_unique.shape[0], n_img, chunk_bytes)
     better = torch.empty(n_txt, dtype=torch.long, device=txt.device)  # (N_txt,)
     tied = torch.empty_like(better)  # (N_txt,)
     own_score = torch.empty(n_txt, dtype=torch.float32, device=txt.device)  # (N_txt,)
     for start in range(0, n_txt, rows):
         end = min(start + rows, n_txt)
-        sim = (txt[start:end] @ img_unique.T)[:, img_of]  # (B, N_img)
+        sim = _score(txt[start:end], img_unique, img_of)  # (B, N_img)
         # Own score read from the same matrix, so the comparisons below are exact.
         own = sim.gather(1, t2i_idx[start:end, None])  # (B, 1)
         better[start:end] = (sim > own).sum(dim=1)
@@ -315,12 +335,12 @@ def _text_to_image_ranks(
 def _image_to_text_ranks(
     img: torch.Tensor,
     txt_unique: torch.Tensor,
-    txt_of: torch.Tensor,
+    txt_of: torch.Tensor | None,
     t2i_idx: torch.Tensor,
     chunk_bytes: int,
 ) -> QueryRanks:
     """Best own caption vs all captions for every image, image chunks at a time."""
-    n_img, n_txt = img.shape[0], txt_of.shape[0]
+    n_img, n_txt = img.shape[0], len(txt_unique if txt_of is None else txt_of)
     rows = _rows_per_chunk(txt_unique.shape[0], n_txt, chunk_bytes)
     # Captions grouped by image, so a chunk of images owns one contiguous slice of `by_image`.
     by_image = torch.argsort(t2i_idx, stable=True)  # (N_txt,)
@@ -334,7 +354,7 @@ def _image_to_text_ranks(
     own_score = torch.empty(n_img, dtype=torch.float32, device=img.device)  # (N_img,)
     for start in range(0, n_img, rows):
         end = min(start + rows, n_img)
-        sim = (img[start:end] @ txt_unique.T)[:, txt_of]  # (B, N_txt)
+        sim = _score(img[start:end], txt_unique, txt_of)  # (B, N_txt)
         cap = by_image[offsets[start]:offsets[end]]  # (C,) captions of this chunk's images
         row = t2i_idx[cap] - start  # (C,) their row in `sim`
         scores = sim[row, cap]  # (C,)

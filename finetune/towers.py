@@ -82,8 +82,8 @@ class Architecture:
 # Where the encoder layers sit inside a tower that is a whole model, by the tower's config class.
 # (path of the layer ModuleList, attention Linears inside one layer, positions the tower can read)
 TOWER_LAYERS: dict[type[PretrainedConfig], tuple[str, tuple[str, ...], Callable[[PretrainedConfig], int]]] = {
-    CLIPVisionConfig: ("vision_model.encoder.layers", CLIP_ATTENTION, lambda c: 0),
-    CLIPTextConfig: ("text_model.encoder.layers", CLIP_ATTENTION, lambda c: c.max_position_embeddings),
+    CLIPVisionConfig: ("encoder.layers", CLIP_ATTENTION, lambda c: 0),
+    CLIPTextConfig: ("encoder.layers", CLIP_ATTENTION, lambda c: c.max_position_embeddings),
     # RoBERTa-style position ids start after the padding index, so two positions are never usable.
     XLMRobertaConfig: ("encoder.layer", BERT_ATTENTION, lambda c: c.max_position_embeddings - c.pad_token_id - 1),
     RobertaConfig: ("encoder.layer", BERT_ATTENTION, lambda c: c.max_position_embeddings - c.pad_token_id - 1),

@@ -15,6 +15,9 @@ from torch import nn
 
 from finetune.checkpoint import (
     STATE_FILE,
+    ResumeError,
+    TrainerState,
+    check_resumable,
     latest_checkpoint,
     list_checkpoints,
     read_trainer_state,
@@ -204,6 +207,95 @@ def test_load_state_with_different_trainable_parameters_names_the_lora_section(a
     # This run trains a different set of tensors (as when lora.* targets change between runs).
     model[0].weight.requires_grad_(True)
     model[2].bias.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"does not match this run's trainable parameters.*lora section") as info:
+    with pytest.raises(ResumeError, match=r"does not match this run's trainable parameters.*lora section") as info:
         accelerator.load_state(str(path))
     assert "0.weight" in str(info.value) and "2.bias" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Replacing a checkpoint of the same step never leaves a moment without a complete one
+
+
+def test_saving_a_step_twice_keeps_one_complete_checkpoint_with_the_new_contents(accelerator, tmp_path):
+    model, optimizer = _prepared(accelerator)
+    save_checkpoint(accelerator, tmp_path, 4, {"step": 4, "version": 1}, keep_last=2)
+    save_checkpoint(accelerator, tmp_path, 4, {"step": 4, "version": 2}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004"]
+    assert read_trainer_state(tmp_path / "step-00000004")["version"] == 2
+
+
+def test_a_crash_between_the_two_renames_keeps_the_old_checkpoint(accelerator, tmp_path, monkeypatch):
+    import os
+
+    model, optimizer = _prepared(accelerator)
+    save_checkpoint(accelerator, tmp_path, 4, {"step": 4, "version": 1}, keep_last=2)
+    real_replace = os.replace
+    calls = []
+
+    def die_on_commit(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if Path(src).name.startswith(".tmp-step"):  # the new checkpoint's rename: the process dies here
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr("finetune.checkpoint.os.replace", die_on_commit)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, tmp_path, 4, {"step": 4, "version": 2}, keep_last=2)
+    monkeypatch.setattr("finetune.checkpoint.os.replace", real_replace)
+    # The old complete checkpoint was moved aside, not deleted, before the new one was committed...
+    assert ("step-00000004", ".old-step-00000004") in calls
+    assert latest_checkpoint(tmp_path) is None
+    # ...and the next run's clean-up puts it back before anything looks for checkpoints.
+    remove_partial_checkpoints(tmp_path)
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000004"
+    assert read_trainer_state(tmp_path / "step-00000004")["version"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume checks
+
+
+def _config(**train) -> dict:
+    return {
+        "model": {"name_or_path": "base"},
+        "data": {"train": {"path": "d"}, "eval": {"target": {"path": "e"}}, "num_workers": 0},
+        "optim": {"lr": 1e-4},
+        "train": {"batch_size": 8, "seed": 0, "output_dir": "runs/a", "log_every_steps": 10, **train},
+        "eval": {"every_steps": None},
+    }
+
+
+def test_resume_refuses_changes_that_break_exactness_and_names_each(tmp_path):
+    state = TrainerState(step=8, num_processes=2, config=_config())
+    now = _config(batch_size=4, seed=1)
+    now["optim"]["lr"] = 2e-4
+    now["data"]["train"]["path"] = "other"
+    with pytest.raises(ResumeError) as info:
+        check_resumable(state, tmp_path / "step-00000008", now, num_processes=1)
+    message = str(info.value)
+    for line in (
+        "train.batch_size: 8 -> 4",
+        "train.seed: 0 -> 1",
+        "optim.lr: 0.0001 -> 0.0002",
+        "data.train.path: 'd' -> 'other'",
+        "processes: 2 -> 1",
+    ):
+        assert line in message, line
+    assert "train.output_dir:" not in message
+
+
+def test_resume_allows_output_logging_eval_and_worker_changes(tmp_path):
+    state = TrainerState(step=8, num_processes=1, config=_config())
+    now = _config(output_dir="runs/b", log_every_steps=1, resume_from="latest", checkpoint_every_steps=5)
+    now["eval"]["every_steps"] = 100
+    now["data"]["num_workers"] = 4
+    now["data"]["eval"]["target"]["path"] = "another eval set"
+    check_resumable(state, tmp_path, now, num_processes=1)  # no error
+
+
+def test_trainer_state_round_trips_through_json_and_ignores_unknown_keys():
+    state = TrainerState(step=3, epoch=1, batches_done_in_epoch=2, num_processes=2, skipped_images=5, skipped_batches=1)
+    data = state.to_json()
+    assert TrainerState.from_json({**data, "something_newer": 1}) == state
+    assert data["skipped_images"] == 5

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_tools.loading import load_image_text_dataset
+from data_tools.loading import decode_image, load_image_text_dataset
 from data_tools.synthetic import all_caption_text
 from finetune.collate import (
     ImageTextCollator,
@@ -59,8 +59,6 @@ def test_batch_keeps_ids_of_surviving_rows_aligned(processor):
     assert batch["label"] == ["circle", "ring", "circle"]
     # Tensors are the survivors, in order: equal to processing them directly.
     kept = [rows[0], rows[2], rows[3]]
-    from data_tools.loading import decode_image
-
     expected_pixels = preprocess_images(processor, [decode_image(r["image"]) for r in kept])
     assert batch["pixel_values"].shape == (3, 3, 32, 32)
     torch.testing.assert_close(batch["pixel_values"], expected_pixels, rtol=0, atol=0)
@@ -112,6 +110,15 @@ def test_count_truncated_captions_counts_and_names_the_cut_words(processor):
     assert count_truncated_captions(tokenizer, [], 32) == (0, None)
 
 
+def test_count_truncated_captions_reads_a_dataset_column(processor):
+    # The trainer passes pairs["caption"] (a lazy datasets Column), not a list.
+    long = "finding: round crimson large lesion, upper left region shows a small azure wedge focus"
+    ds = load_image_text_dataset(key="data.train", synthetic={"domain": "target", "num_images": 2})
+    column = ds.add_item({**ds[0], "caption": long})["caption"]
+    assert not isinstance(column, list)
+    assert count_truncated_captions(processor.tokenizer, column, 12) == (1, TruncatedCaption(long, "shows a small azure wedge focus"))
+
+
 def test_cut_inside_a_word_reports_the_whole_word(processor):
     tokenizer = processor.tokenizer
     caption = "a red circle zzqx"  # the made-up word is several sub-word tokens
@@ -125,11 +132,12 @@ def test_cut_inside_a_word_reports_the_whole_word(processor):
 def test_count_matches_a_caption_by_caption_reference_across_chunks(processor, monkeypatch):
     import finetune.collate as collate
 
-    monkeypatch.setattr(collate, "_TOKENIZE_CHUNK", 3)  # several chunks; the first hit sits in the second
+    monkeypatch.setattr(collate, "_TOKENIZE_CHUNK", 2)  # several chunks; the first hit is not in the first
     tokenizer = processor.tokenizer
-    captions = all_caption_text(per_domain=10)
+    captions = all_caption_text(per_domain=10)[2:]
     limit = 12
     reference = [c for c in captions if len(tokenizer(c)["input_ids"]) > limit]
+    assert captions.index(reference[0]) >= 2
     count, example = count_truncated_captions(tokenizer, captions, limit)
     assert 0 < count == len(reference) < len(captions)
     assert example.caption == reference[0]

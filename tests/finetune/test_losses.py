@@ -1,5 +1,5 @@
-"""Tests for finetune.losses.ClipInfoNCE: hand-computed values, same-image masking, the temperature
-clamp, gradients, and (2 gloo processes) the cross-process gather's gradients."""
+"""Tests for finetune.losses.ClipInfoNCE on (features, batch): hand-computed values, same-image masking,
+the temperature clamp, gradients, and (2 gloo processes) the step's cross-process gather's gradients."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.losses import ClipInfoNCE
+from finetune.losses import ClipInfoNCE, Features
+from finetune.step import gather_rows, gather_with_grad
 
 
 def _features(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,11 +19,16 @@ def _features(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
 
 
+def _infonce(image, text, log_scale, image_index) -> torch.Tensor:
+    """The loss as the step calls it: unit float32 features, the batch's image_index."""
+    features = Features(
+        image=F.normalize(image.float(), dim=-1), text=F.normalize(text.float(), dim=-1), logit_scale=torch.as_tensor(log_scale)
+    )
+    return ClipInfoNCE()(features, {"image_index": torch.as_tensor(image_index)})["contrastive"]
+
+
 def _loss(image, text, log_scale, image_index) -> torch.Tensor:
-    loss_fn = ClipInfoNCE(gather_across_processes=False)
-    return loss_fn(image, text, torch.as_tensor(log_scale, dtype=torch.float64), torch.as_tensor(image_index))[
-        "contrastive"
-    ]
+    return _infonce(image, text, torch.as_tensor(log_scale, dtype=torch.float64), image_index)
 
 
 def _hand_loss(image, text, scale, image_index) -> torch.Tensor:
@@ -109,9 +115,7 @@ def test_gradients_reach_features_and_logit_scale():
     image.requires_grad_(True)
     text.requires_grad_(True)
     log_scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
-    loss = ClipInfoNCE(gather_across_processes=False)(image, text, log_scale, torch.tensor([0, 0, 1, 2]))[
-        "contrastive"
-    ]
+    loss = _infonce(image, text, log_scale, [0, 0, 1, 2])
     loss.backward()
     for t in (image, text):
         assert t.grad is not None and t.grad.shape == (4, 8)
@@ -119,16 +123,8 @@ def test_gradients_reach_features_and_logit_scale():
     assert log_scale.grad is not None and log_scale.grad.item() != 0
     # Above the clamp the temperature gets no gradient.
     capped = torch.tensor(math.log(1000.0), requires_grad=True)
-    ClipInfoNCE(gather_across_processes=False)(image, text, capped, torch.arange(4))["contrastive"].backward()
+    _infonce(image, text, capped, torch.arange(4)).backward()
     assert capped.grad.item() == 0
-
-
-def test_features_need_not_be_normalised():
-    image, text = _features(5, 8, seed=5)
-    base = _loss(image, text, math.log(30.0), [0, 1, 1, 2, 3])
-    row_scales = torch.tensor([[0.1], [3.0], [7.0], [0.5], [100.0]], dtype=torch.float64)
-    scaled = _loss(image * row_scales, text * row_scales.flip(0), math.log(30.0), [0, 1, 1, 2, 3])
-    torch.testing.assert_close(scaled, base, atol=1e-5, rtol=1e-5)
 
 
 def test_half_precision_features_give_a_float32_loss():
@@ -162,9 +158,15 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         local_image = image[start:stop].clone().requires_grad_(True)
         local_text = text[start:stop].clone().requires_grad_(True)
         log_scale = torch.tensor(_LOG_SCALE, requires_grad=True)
-        loss = ClipInfoNCE(gather_across_processes=True)(
-            local_image, local_text, log_scale, torch.tensor(_IMAGE_INDEX[start:stop])
-        )["contrastive"]
+        # What the step does: normalise locally, gather once, then the loss on the global batch.
+        features = Features(
+            image=gather_with_grad(F.normalize(local_image, dim=-1)),
+            text=gather_with_grad(F.normalize(local_text, dim=-1)),
+            logit_scale=log_scale,
+        )
+        batch = {"image_index": gather_rows(torch.tensor(_IMAGE_INDEX[start:stop]))}
+        assert batch["image_index"].tolist() == _IMAGE_INDEX
+        loss = ClipInfoNCE()(features, batch)["contrastive"]
         loss.backward()
         torch.save(
             {
@@ -200,7 +202,7 @@ def test_gather_with_grad_matches_full_batch_gradient_on_two_processes(tmp_path,
     image.requires_grad_(True)
     text.requires_grad_(True)
     log_scale = torch.tensor(_LOG_SCALE, requires_grad=True)
-    full = ClipInfoNCE(gather_across_processes=False)(image, text, log_scale, torch.tensor(_IMAGE_INDEX))["contrastive"]
+    full = _infonce(image, text, log_scale, _IMAGE_INDEX)
     full.backward()
 
     scale_grads = []

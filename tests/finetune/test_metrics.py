@@ -1,14 +1,24 @@
-"""Tests for finetune.metrics: hand-computed retrieval ranks, chunking, validation and reporting."""
+"""Tests for finetune.metrics: hand-computed ranks, a top-k reference, exact ties, chunking, validation."""
 
 from __future__ import annotations
 
-import json
+import itertools
 
 import numpy as np
 import pytest
 import torch
 
-from finetune.metrics import format_results_table, retrieval_metrics, write_results
+import finetune.report
+from finetune.metrics import (
+    DEFAULT_CHUNK_BYTES,
+    QueryRanks,
+    _rows_per_chunk,
+    duplicate_caption_texts,
+    format_results_table,
+    retrieval_metrics,
+    retrieval_ranks,
+    write_results,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Hand-computed multi-caption example: 3 images, 5 captions, 2-D embeddings.
@@ -92,17 +102,52 @@ def test_median_averages_two_middle_ranks() -> None:
     assert res["t2i"]["R@1"] == 50.0
 
 
-def test_ties_count_in_favour_of_query() -> None:
-    # Two identical images: neither scores strictly higher than the other, so both rank 1.
+def test_hand_computed_per_query_ranks() -> None:
+    ranks = retrieval_ranks(IMAGES, TEXTS, TEXT_TO_IMAGE)
+    t2i, i2t = ranks["t2i"], ranks["i2t"]
+    assert t2i.better.tolist() == [1, 0, 1, 1, 2]  # ranks [2, 1, 2, 2, 3] above
+    assert i2t.better.tolist() == [0, 2, 2]  # ranks [1, 3, 3]
+    for r in (t2i, i2t):
+        assert r.tied.tolist() == [0] * len(r.better)
+        assert r.tied_own.tolist() == [1] * len(r.better)
+        assert r.better.dtype == torch.long and r.expected_rank().dtype == torch.float64
+    # own_score: the caption's own image score, and each image's best own caption score.
+    unit = TEXTS / TEXTS.norm(dim=1, keepdim=True)
+    assert t2i.own_score.tolist() == pytest.approx([0.196, 0.995, 0.447, 0.196, -0.287], abs=1e-3)
+    assert i2t.own_score.tolist() == pytest.approx([float(unit[1, 0]), float(unit[2, 1]), float(-unit[4, 0])])
+    assert t2i.expected_rank().tolist() == [2.0, 1.0, 2.0, 2.0, 3.0]
+    assert t2i.hit_probability(2).tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_exact_tie_is_half_a_hit() -> None:
+    # Two identical images with identical captions: each query is tied with one other candidate
+    # for the top slot, so it is a hit at R@1 in half of the tie orders and ranks 1.5 on average.
     images = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     texts = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    res = retrieval_metrics(images, texts, torch.tensor([0, 1]))
-    assert res["t2i"]["R@1"] == 100.0
-    assert res["i2t"]["R@1"] == 100.0
+    res = retrieval_metrics(images, texts, torch.tensor([0, 1]), ks=(1, 2))
+    for direction in ("t2i", "i2t"):
+        assert res[direction] == {"R@1": 50.0, "R@2": 100.0, "mean_rank": 1.5, "median_rank": 1.5}
+    ranks = retrieval_ranks(images, texts, torch.tensor([0, 1]))
+    assert ranks["i2t"].better.tolist() == [0, 0] and ranks["i2t"].tied.tolist() == [1, 1]
 
 
-def _reference(image_emb, text_emb, text_to_image, ks):
-    """Brute force in float64 with Python loops, independent of the vectorised code."""
+def test_hit_probability_formula_by_hand() -> None:
+    # better b = 1, t = 3 others and m = 2 own candidates tied behind it.
+    r = QueryRanks(
+        better=torch.tensor([1]), tied=torch.tensor([3]), tied_own=torch.tensor([2]), own_score=torch.tensor([0.5])
+    )
+    # K=1: no slot left -> 0. K=2: one slot among 5 tied, 2 own -> 2/5.
+    # K=3: two slots: miss = C(3,2)/C(5,2) = 3/10 -> 0.7. K=4: miss = C(3,3)/C(5,3) = 1/10 -> 0.9.
+    # K=5: more slots than tied others -> 1.
+    got = [float(r.hit_probability(k)[0]) for k in (1, 2, 3, 4, 5)]
+    assert got == pytest.approx([0.0, 0.4, 0.7, 0.9, 1.0], abs=1e-15)
+    assert float(r.expected_rank()[0]) == 1 + 1 + 3 / 3
+    with pytest.raises(ValueError, match="k must be a positive int, got 0"):
+        r.hit_probability(0)
+
+
+def _strict_reference(image_emb, text_emb, text_to_image, ks):
+    """Brute force in float64 with Python loops, independent of the vectorised code (no ties)."""
     img = image_emb.double() / image_emb.double().norm(dim=1, keepdim=True)
     txt = text_emb.double() / text_emb.double().norm(dim=1, keepdim=True)
     sim = (txt @ img.T).numpy()  # (N_txt, N_img)
@@ -122,33 +167,223 @@ def _reference(image_emb, text_emb, text_to_image, ks):
     return {"t2i": summary(t2i), "i2t": summary(i2t)}
 
 
+def _topk_recall(image_emb, text_emb, text_to_image, ks):
+    """R@K the way CLIP_benchmark computes it: is a positive among the top-k indices of each query?"""
+    img = image_emb.double() / image_emb.double().norm(dim=1, keepdim=True)
+    txt = text_emb.double() / text_emb.double().norm(dim=1, keepdim=True)
+    scores = txt @ img.T  # (N_txt, N_img)
+    positive = torch.zeros_like(scores, dtype=torch.bool)  # (N_txt, N_img)
+    positive[torch.arange(len(txt)), text_to_image.long()] = True
+    out = {"t2i": {}, "i2t": {}}
+    for k in ks:
+        top_img = scores.topk(min(k, scores.shape[1]), dim=1).indices  # (N_txt, k)
+        hit_t2i = positive.gather(1, top_img).any(dim=1)  # (N_txt,)
+        top_txt = scores.T.topk(min(k, scores.shape[0]), dim=1).indices  # (N_img, k)
+        hit_i2t = positive.T.gather(1, top_txt).any(dim=1)  # (N_img,)
+        out["t2i"][f"R@{k}"] = float(100.0 * np.mean(hit_t2i.numpy()))
+        out["i2t"][f"R@{k}"] = float(100.0 * np.mean(hit_i2t.numpy()))
+    return out
+
+
 @pytest.fixture
 def random_problem():
     gen = torch.Generator().manual_seed(0)
     n_img, n_txt, dim = 37, 101, 8
     images = torch.randn(n_img, dim, generator=gen)
-    # Every image gets >= 1 caption, the rest are assigned at random.
+    # Every image gets >= 1 caption, the rest are assigned at random (multi-caption images).
     t2i = torch.cat([torch.arange(n_img), torch.randint(0, n_img, (n_txt - n_img,), generator=gen)])
     t2i = t2i[torch.randperm(n_txt, generator=gen)]
     texts = images[t2i] + 1.5 * torch.randn(n_txt, dim, generator=gen)
     return images, texts, t2i
 
 
-def test_matches_brute_force_reference(random_problem) -> None:
+def test_without_ties_equals_topk_recall_and_strict_ranks(random_problem) -> None:
     images, texts, t2i = random_problem
-    ks = (1, 3, 5, 10)
+    assert torch.bincount(t2i).max() >= 3  # some images really have several captions
+    ks = (1, 3, 5, 10, 37, 200)
     res = retrieval_metrics(images, texts, t2i, ks=ks)
-    ref = _reference(images, texts, t2i, ks)
-    assert res["t2i"] == pytest.approx(ref["t2i"])
-    assert res["i2t"] == pytest.approx(ref["i2t"])
-    assert 0.0 < res["t2i"]["R@1"] < 100.0  # a non-degenerate problem
+    topk = _topk_recall(images, texts, t2i, ks)
+    strict = _strict_reference(images, texts, t2i, ks)
+    for direction in ("t2i", "i2t"):
+        for k in ks:
+            assert res[direction][f"R@{k}"] == topk[direction][f"R@{k}"]  # exactly, not approx
+        assert res[direction] == strict[direction]
+    ranks = retrieval_ranks(images, texts, t2i)
+    assert int(ranks["t2i"].tied.sum()) == 0 and int(ranks["i2t"].tied.sum()) == 0
+    assert 0.0 < res["t2i"]["R@1"] < 100.0 and 0.0 < res["i2t"]["R@1"] < 100.0  # non-degenerate
 
 
-@pytest.mark.parametrize("chunk_size", [1, 2, 7, 36, 37, 100])
-def test_chunking_is_identical_to_one_chunk(random_problem, chunk_size: int) -> None:
+# A tiny problem with every kind of exact tie, small enough to enumerate every tie-break order.
+# 4 images, 7 captions (text_to_image = [0, 1, 2, 2, 3, 3, 0]):
+#   img1 is a copy of img0                 -> t2i ties between two candidates
+#   c1 (img1) is a copy of c0 (img0)       -> duplicate caption texts of different images
+#   c3 is a copy of c2, both of img2       -> two own captions tied (m' = 2)
+#   c6 (img0) is a copy of c4 (img3)       -> an own caption (c4) tied with another image's
+def _tied_problem():
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randn(4, 3, generator=gen)
+    images[1] = images[0]
+    t2i = torch.tensor([0, 1, 2, 2, 3, 3, 0])
+    texts = images[t2i] + 0.3 * torch.randn(7, 3, generator=gen)
+    texts[1], texts[3], texts[6] = texts[0], texts[2], texts[4]
+    return images, texts, t2i
+
+
+def _enumerated(image_emb, text_emb, text_to_image, ks):
+    """Per-query mean, min and max of hit@K and rank over every order of the candidates.
+
+    A permutation is a priority that breaks score ties; scores are Python float64 dot products,
+    so identical embeddings give identical scores without relying on any of the code under test.
+    """
+    img = [v / np.linalg.norm(v) for v in image_emb.double().numpy()]
+    txt = [v / np.linalg.norm(v) for v in text_emb.double().numpy()]
+    owner = [int(i) for i in text_to_image]
+
+    def per_query(queries, candidates, is_own):
+        out = []
+        for q, query in enumerate(queries):
+            scores = [float(np.dot(query, c)) for c in candidates]
+            ranks = []
+            for priority in itertools.permutations(range(len(candidates))):
+                order = sorted(range(len(candidates)), key=lambda c: (-scores[c], priority[c]))
+                ranks.append(1 + next(pos for pos, c in enumerate(order) if is_own(q, c)))
+            ranks = np.array(ranks)
+            out.append({
+                "rank": (ranks.mean(), ranks.min(), ranks.max()),
+                **{k: (np.mean(ranks <= k), np.max(ranks <= k), np.min(ranks <= k)) for k in ks},
+            })
+        return out
+
+    return {
+        "t2i": per_query(txt, img, lambda q, c: owner[q] == c),
+        "i2t": per_query(img, txt, lambda q, c: owner[c] == q),
+    }
+
+
+def test_planted_ties_equal_the_average_over_every_tie_order() -> None:
+    images, texts, t2i = _tied_problem()
+    ks = (1, 2, 3, 4)
+    ranks = retrieval_ranks(images, texts, t2i)
+    res = retrieval_metrics(images, texts, t2i, ks=ks)
+    brute = _enumerated(images, texts, t2i, ks)
+    # The planted ties are seen: c1's own image ties img0, img2 has two tied own captions, img3's
+    # best caption c4 ties c6 of img0.
+    assert int(ranks["t2i"].tied.sum()) >= 2
+    assert ranks["i2t"].tied_own.tolist()[2] == 2
+    assert int(ranks["i2t"].tied[3]) >= 1
+    for direction in ("t2i", "i2t"):
+        rows = brute[direction]
+        assert ranks[direction].expected_rank().tolist() == pytest.approx([r["rank"][0] for r in rows], abs=1e-12)
+        for k in ks:
+            expected = [r[k][0] for r in rows]
+            assert ranks[direction].hit_probability(k).tolist() == pytest.approx(expected, abs=1e-12)
+            optimistic = 100.0 * np.mean([r[k][1] for r in rows])
+            pessimistic = 100.0 * np.mean([r[k][2] for r in rows])
+            assert res[direction][f"R@{k}"] == pytest.approx(100.0 * np.mean(expected), abs=1e-9)
+            assert pessimistic - 1e-9 <= res[direction][f"R@{k}"] <= optimistic + 1e-9
+        mean_rank = np.mean([r["rank"][0] for r in rows])
+        assert res[direction]["mean_rank"] == pytest.approx(mean_rank, abs=1e-12)
+        assert res[direction]["median_rank"] == pytest.approx(np.median([r["rank"][0] for r in rows]), abs=1e-12)
+        assert np.mean([r["rank"][1] for r in rows]) < mean_rank < np.mean([r["rank"][2] for r in rows])
+    # Ties matter here: R@1 lies strictly between the bounds in both directions.
+    for direction in ("t2i", "i2t"):
+        rows = brute[direction]
+        assert 100.0 * np.mean([r[1][2] for r in rows]) < res[direction]["R@1"] < 100.0 * np.mean([r[1][1] for r in rows])
+
+
+def test_many_identical_captions_all_tie() -> None:
+    # 21 images share one caption text: for each of them the other 20 copies score exactly its own
+    # score (each distinct embedding is scored once, so no matmul rounding can split the copies).
+    gen = torch.Generator().manual_seed(5)
+    images = torch.randn(40, 64, generator=gen)
+    t2i = torch.arange(40)
+    texts = images + 0.5 * torch.randn(40, 64, generator=gen)
+    texts[1::2] = texts[0]
+    ranks = retrieval_ranks(images, texts, t2i)["i2t"]
+    copy_owners = [0, *range(1, 40, 2)]
+    assert ranks.tied[copy_owners].tolist() == [20] * 21
+    assert ranks.tied[2::2].tolist() == [0] * 19
+    assert ranks.tied_own.tolist() == [1] * 40
+    # Whichever of them has nothing strictly above gets 1/21 of a hit at R@1.
+    hits = ranks.hit_probability(1)
+    on_top = ranks.better[copy_owners] == 0
+    assert hits[copy_owners].tolist() == pytest.approx([1 / 21 if top else 0.0 for top in on_top.tolist()])
+    assert bool(on_top.any())
+    res = retrieval_metrics(images, texts, t2i, ks=(1,))
+    assert res["i2t"]["R@1"] == pytest.approx(100.0 * float(hits.mean()))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 4 * 7, 4 * 40, 4 * 101 * 2, 4 * 101 * 36, 4 * 101 * 37])
+def test_small_chunks_equal_one_chunk_with_ties(random_problem, chunk_bytes: int) -> None:
     images, texts, t2i = random_problem
-    one_chunk = retrieval_metrics(images, texts, t2i, chunk_size=10_000)
-    assert retrieval_metrics(images, texts, t2i, chunk_size=chunk_size) == one_chunk
+    images, texts = images.clone(), texts.clone()
+    images[5] = images[6]  # captions of images 5 and 6 see their own image tied with the copy
+    texts[(t2i == 7) | (t2i == 8)] = texts[t2i == 7][0]  # images 7 and 8: every caption the same
+    one_chunk = retrieval_ranks(images, texts, t2i, chunk_bytes=2**40)
+    chunked = retrieval_ranks(images, texts, t2i, chunk_bytes=chunk_bytes)
+    assert bool((one_chunk["t2i"].tied[(t2i == 5) | (t2i == 6)] == 1).all())
+    assert bool((one_chunk["i2t"].tied[[7, 8]] > 0).all())
+    for direction in ("t2i", "i2t"):
+        for field in ("better", "tied", "tied_own"):
+            assert torch.equal(getattr(chunked[direction], field), getattr(one_chunk[direction], field))
+        # A matrix product of another height may round the last bit differently; counts never move
+        # because every comparison is made within one row of one product.
+        torch.testing.assert_close(chunked[direction].own_score, one_chunk[direction].own_score, rtol=0, atol=1e-6)
+    assert retrieval_metrics(images, texts, t2i, chunk_bytes=chunk_bytes) == retrieval_metrics(
+        images, texts, t2i, chunk_bytes=2**40
+    )
+
+
+def test_rows_per_chunk_follow_the_byte_budget() -> None:
+    assert DEFAULT_CHUNK_BYTES == 256 * 2**20
+    # 500k distinct captions: 256 MiB / (4 B x 500k) = 134 image rows, not a fixed 1024 (2 GB).
+    assert _rows_per_chunk(500_000, 500_000, DEFAULT_CHUNK_BYTES) == 134
+    # With copies the distinct scores are held too before being spread: 4 B x (400k + 500k).
+    assert _rows_per_chunk(400_000, 500_000, DEFAULT_CHUNK_BYTES) == 74
+    assert _rows_per_chunk(10, 10, 1) == 1  # always at least one row
+    assert _rows_per_chunk(10, 10, 10**9) == 25_000_000
+
+
+@pytest.mark.parametrize("chunk_bytes", [0, -1, 1.5, True])
+def test_bad_chunk_bytes_raise(chunk_bytes) -> None:
+    with pytest.raises(ValueError, match=r"chunk_bytes must be a positive int"):
+        retrieval_metrics(IMAGES, TEXTS, TEXT_TO_IMAGE, chunk_bytes=chunk_bytes)
+
+
+def test_non_finite_embeddings_raise() -> None:
+    texts = TEXTS.clone()
+    texts[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"text_emb holds NaN or inf in 1 row\(s\) \(first: row 3\)"):
+        retrieval_metrics(IMAGES, texts, TEXT_TO_IMAGE)
+
+
+def test_duplicate_caption_texts_counts() -> None:
+    stats = duplicate_caption_texts(["b", "a", "c", "a", "b", "a", "d"])
+    assert stats == {
+        "captions": 7,
+        "unique_texts": 4,
+        "duplicate_captions": 5,  # three "a" + two "b"
+        "duplicated_texts": 2,
+        "example": "a",  # the most frequent
+    }
+    assert stats["captions"] - stats["unique_texts"] == stats["duplicate_captions"] - stats["duplicated_texts"]
+    assert duplicate_caption_texts(["x", "y", "y", "x"])["example"] == "x"  # first seen of equals
+    assert duplicate_caption_texts(["A", "a", "a "]) == {
+        "captions": 3, "unique_texts": 3, "duplicate_captions": 0, "duplicated_texts": 0, "example": None
+    }
+    assert duplicate_caption_texts([])["example"] is None
+
+
+def test_duplicate_caption_texts_rejects_non_strings() -> None:
+    with pytest.raises(TypeError, match=r"captions\[1\] must be a str, got int"):
+        duplicate_caption_texts(["a", 3])
+    with pytest.raises(TypeError, match="single str"):
+        duplicate_caption_texts("abc")
+
+
+def test_report_names_are_reexported() -> None:
+    assert format_results_table is finetune.report.format_results_table
+    assert write_results is finetune.report.write_results
 
 
 def test_scaling_embeddings_changes_nothing(random_problem) -> None:
@@ -197,94 +432,3 @@ def test_bad_ks_raise(ks) -> None:
         retrieval_metrics(IMAGES, TEXTS, TEXT_TO_IMAGE, ks=ks)
 
 
-# --------------------------------------------------------------------------------------------------
-# Reporting
-# --------------------------------------------------------------------------------------------------
-
-RESULTS = {
-    "zero_shot": {
-        "target": {
-            "t2i": {"R@1": 10.0, "R@5": 30.25, "mean_rank": 12.0, "median_rank": 4.0},
-            "i2t": {"R@1": 12.5, "R@5": 40.0, "mean_rank": 9.0, "median_rank": 3.0},
-        },
-        "source": {
-            "t2i": {"R@1": 50.0, "R@5": 80.0, "mean_rank": 2.0, "median_rank": 1.0},
-        },
-    },
-    "adapted": {
-        "target": {
-            "t2i": {"R@1": 33.5, "R@5": 60.0, "mean_rank": 5.25, "median_rank": 2.0},
-            "i2t": {"R@1": 40.0, "R@5": 70.0, "mean_rank": 4.0, "median_rank": 1.5},
-        },
-    },
-}
-
-
-def _rows(table: str) -> dict[tuple[str, str, str], list[str]]:
-    """(set, direction, metric) -> [zero-shot, adapted, delta] cells, skipping header and rule."""
-    lines = table.splitlines()
-    assert [c.strip() for c in lines[0].strip("|").split("|")] == [
-        "set", "direction", "metric", "zero-shot", "adapted", "delta"
-    ]
-    assert set(lines[1]) <= set("|-: ")
-    out = {}
-    for line in lines[2:]:
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        assert len(cells) == 6, line
-        out[tuple(cells[:3])] = cells[3:]
-    return out
-
-
-def test_format_results_table_values_and_deltas() -> None:
-    table = format_results_table(RESULTS)
-    rows = _rows(table)
-    assert rows[("target", "t2i", "R@1")] == ["10.00", "33.50", "+23.50"]
-    assert rows[("target", "t2i", "R@5")] == ["30.25", "60.00", "+29.75"]
-    assert rows[("target", "t2i", "mean_rank")] == ["12.00", "5.25", "-6.75"]
-    assert rows[("target", "i2t", "median_rank")] == ["3.00", "1.50", "-1.50"]
-    # source exists only for zero-shot: adapted and delta are "-".
-    assert rows[("source", "t2i", "R@1")] == ["50.00", "-", "-"]
-    assert ("source", "i2t", "R@1") not in rows
-    assert len(rows) == 12
-    # target before source, t2i before i2t, R@K before ranks.
-    keys = list(rows)
-    assert keys[0] == ("target", "t2i", "R@1") and keys[-1][0] == "source"
-    assert keys.index(("target", "t2i", "R@5")) < keys.index(("target", "t2i", "mean_rank"))
-    # Columns are padded to equal width so it reads on a console too.
-    assert len({len(line) for line in table.splitlines()}) == 1
-
-
-def test_format_results_table_missing_zero_shot_side() -> None:
-    rows = _rows(format_results_table({"adapted": RESULTS["adapted"]}))
-    assert rows[("target", "i2t", "R@1")] == ["-", "40.00", "-"]
-
-
-def test_format_results_table_rejects_unknown_side() -> None:
-    with pytest.raises(ValueError, match="zeroshot"):
-        format_results_table({"zeroshot": RESULTS["zero_shot"]})
-
-
-def test_write_results_creates_three_files(tmp_path) -> None:
-    out_dir = tmp_path / "nested" / "run"
-    paths = write_results(RESULTS, str(out_dir))  # str accepted as well as Path
-
-    assert set(paths) == {"json", "md", "png"}
-    assert paths == {
-        "json": out_dir / "results.json",
-        "md": out_dir / "results.md",
-        "png": out_dir / "results.png",
-    }
-    # No temp files left behind by the atomic writes.
-    assert sorted(p.name for p in out_dir.iterdir()) == ["results.json", "results.md", "results.png"]
-
-    assert json.loads(paths["json"].read_text()) == RESULTS
-
-    md = paths["md"].read_text()
-    assert md.startswith("# Retrieval: zero-shot vs adapted\n")
-    assert "top K" in md
-    assert format_results_table(RESULTS) in md
-    assert "+23.50" in md
-
-    png = paths["png"].read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(png) > 10_000

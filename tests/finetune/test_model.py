@@ -12,7 +12,11 @@ from peft import PeftModel
 from torch import nn
 from transformers import CLIPModel
 
-from finetune.losses import ClipInfoNCE
+import torch.nn.functional as F
+
+from finetune.losses import ClipInfoNCE, Features
+from finetune.towers import logit_scale as logit_scale_of
+from finetune.config import LoraTowerConfig
 from finetune.model import (
     ModelLoadError,
     TowerLora,
@@ -20,10 +24,21 @@ from finetune.model import (
     encode_images,
     encode_texts,
     extra_trainable_state,
-    load_clip,
+    load_model,
     lora_gradient_report,
     trainable_parameters_by_tower,
 )
+
+def lora(**settings) -> TowerLora:
+    """Per-tower settings with the recipe schema's defaults for everything not given."""
+    from finetune.train import tower_lora
+
+    return tower_lora(LoraTowerConfig(**{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}))
+
+
+def adapt(model, vision: TowerLora, text: TowerLora, train_projections: bool = False, train_logit_scale: bool = False):
+    return add_lora(model, vision=vision, text=text, train_projections=train_projections, train_logit_scale=train_logit_scale)
+
 
 CAPTIONS = ["a red circle on a white background", "two blue squares", "a green triangle", "an x-ray of a chest"]
 LORA_NAME = re.compile(r"(vision|text)_model\.encoder\.layers\.(\d+)\.(.+)\.lora_A\.default$")
@@ -31,7 +46,7 @@ LORA_NAME = re.compile(r"(vision|text)_model\.encoder\.layers\.(\d+)\.(.+)\.lora
 
 @pytest.fixture
 def clip(tiny_clip_dir):
-    return load_clip(str(tiny_clip_dir))
+    return load_model(str(tiny_clip_dir))
 
 
 @pytest.fixture
@@ -84,8 +99,8 @@ def randomise_lora_B(model: nn.Module, seed: int = 1) -> None:
 def contrastive_loss(model, batch) -> torch.Tensor:
     image = encode_images(model, batch["pixel_values"])
     text = encode_texts(model, batch["input_ids"], batch["attention_mask"])
-    logit_scale = model.base_model.model.logit_scale
-    return ClipInfoNCE(gather_across_processes=False)(image, text, logit_scale, torch.arange(4))["contrastive"]
+    features = Features(image=F.normalize(image, dim=-1), text=F.normalize(text, dim=-1), logit_scale=logit_scale_of(model))
+    return ClipInfoNCE()(features, {"image_index": torch.arange(4)})["contrastive"]
 
 
 def assert_differs(a: torch.Tensor, b: torch.Tensor, min_gap: float = 1e-3) -> None:
@@ -99,10 +114,10 @@ def assert_differs(a: torch.Tensor, b: torch.Tensor, min_gap: float = 1e-3) -> N
 
 def test_lora_wraps_exactly_the_requested_modules_and_layers(clip):
     model, _ = clip
-    peft_model = add_lora(
+    peft_model = adapt(
         model,
-        vision=TowerLora(rank=4, layers=(1,), target_modules=("q_proj", "v_proj")),
-        text=TowerLora(rank=2, layers=(-2,), target_modules=("out_proj", "fc1")),
+        vision=lora(rank=4, layers=(1,), target_modules=("q_proj", "v_proj")),
+        text=lora(rank=2, layers=(-2,), target_modules=("out_proj", "fc1")),
     )
     assert lora_sites(peft_model) == {
         ("vision", 1, "self_attn.q_proj"),
@@ -117,10 +132,10 @@ def test_lora_wraps_exactly_the_requested_modules_and_layers(clip):
 
 def test_default_layers_cover_every_layer_and_negative_index_is_the_last(clip):
     model, _ = clip
-    peft_model = add_lora(
+    peft_model = adapt(
         model,
-        vision=TowerLora(rank=4, layers=(-1,)),
-        text=TowerLora(rank=2, target_modules=("q_proj",)),
+        vision=lora(rank=4, layers=(-1,)),
+        text=lora(rank=2, target_modules=("q_proj",)),
     )
     sites = lora_sites(peft_model)
     assert {s for s in sites if s[0] == "vision"} == {
@@ -132,10 +147,10 @@ def test_default_layers_cover_every_layer_and_negative_index_is_the_last(clip):
 def test_trainable_parameter_counts_match_a_hand_count(clip):
     model, _ = clip
     total_before = sum(p.numel() for p in model.parameters())
-    peft_model = add_lora(
+    peft_model = adapt(
         model,
-        vision=TowerLora(rank=4, layers=(-1,)),
-        text=TowerLora(rank=2, target_modules=("q_proj",)),
+        vision=lora(rank=4, layers=(-1,)),
+        text=lora(rank=2, target_modules=("q_proj",)),
     )
     counts = trainable_parameters_by_tower(peft_model)
     # vision: 4 Linear(32->32) in 1 layer, rank 4: A (4x32) + B (32x4) each.
@@ -149,7 +164,7 @@ def test_trainable_parameter_counts_match_a_hand_count(clip):
 
 def test_a_disabled_tower_gets_no_lora(clip):
     model, _ = clip
-    peft_model = add_lora(model, vision=TowerLora(enabled=False, rank=4), text=TowerLora(rank=3))
+    peft_model = adapt(model, vision=lora(enabled=False, rank=4), text=lora(rank=3))
     sites = lora_sites(peft_model)
     assert sites and {s[0] for s in sites} == {"text"}
     assert lora_A_shapes(peft_model, "text") == {(3, 32)}
@@ -161,32 +176,32 @@ def test_a_disabled_tower_gets_no_lora(clip):
 def test_both_towers_disabled_is_an_error(clip):
     model, _ = clip
     with pytest.raises(ValueError, match=r"lora\.vision\.enabled and lora\.text\.enabled are both false"):
-        add_lora(model, vision=TowerLora(enabled=False), text=TowerLora(enabled=False))
+        adapt(model, vision=lora(enabled=False), text=lora(enabled=False))
 
 
 def test_target_modules_matching_nothing_name_the_key_and_list_available(clip):
     model, _ = clip
     with pytest.raises(ValueError, match=r"lora\.text\.target_modules: \['query'\] match no Linear") as info:
-        add_lora(model, vision=TowerLora(), text=TowerLora(target_modules=("query",)))
+        adapt(model, vision=lora(), text=lora(target_modules=("query",)))
     message = str(info.value)
     assert "available:" in message
     for name in ("self_attn.q_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"):
         assert name in message
 
     with pytest.raises(ValueError, match=r"lora\.vision\.target_modules: .*available: .*self_attn\.k_proj"):
-        add_lora(model, vision=TowerLora(target_modules=("attn.qkv",)), text=TowerLora())
+        adapt(model, vision=lora(target_modules=("attn.qkv",)), text=lora())
 
 
 @pytest.mark.parametrize("layers", [(2,), (0, -3)])
 def test_out_of_range_layers_name_the_key(clip, layers):
     model, _ = clip
     with pytest.raises(ValueError, match=r"lora\.vision\.layers: \[-?\d\] out of range for a 2-layer vision tower"):
-        add_lora(model, vision=TowerLora(layers=layers), text=TowerLora())
+        adapt(model, vision=lora(layers=layers), text=lora())
 
 
 def test_dropout_is_per_tower(clip):
     model, _ = clip
-    peft_model = add_lora(model, vision=TowerLora(rank=4, dropout=0.0), text=TowerLora(rank=2, dropout=0.25))
+    peft_model = adapt(model, vision=lora(rank=4, dropout=0.0), text=lora(rank=2, dropout=0.25))
     dropouts = {
         name: module for name, module in peft_model.named_modules() if name.endswith("lora_dropout.default")
     }
@@ -199,7 +214,7 @@ def test_dropout_is_per_tower(clip):
 
 def test_dropout_is_per_tower_when_vision_has_it(clip):
     model, _ = clip
-    peft_model = add_lora(model, vision=TowerLora(dropout=0.1), text=TowerLora(dropout=0.0))
+    peft_model = adapt(model, vision=lora(dropout=0.1), text=lora(dropout=0.0))
     for name, module in peft_model.named_modules():
         if name.endswith("lora_dropout.default"):
             if "vision_model." in name:
@@ -214,7 +229,7 @@ def test_dropout_is_per_tower_when_vision_has_it(clip):
 
 def test_one_step_trains_lora_in_both_towers_and_leaves_the_base_alone(clip, batch):
     model, _ = clip
-    peft_model = add_lora(model, vision=TowerLora(rank=4), text=TowerLora(rank=2))
+    peft_model = adapt(model, vision=lora(rank=4), text=lora(rank=2))
     peft_model.train()
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
@@ -242,14 +257,14 @@ def test_one_step_trains_lora_in_both_towers_and_leaves_the_base_alone(clip, bat
 
 
 def test_logit_scale_trainable_only_when_asked(tiny_clip_dir):
-    model, _ = load_clip(str(tiny_clip_dir))
-    frozen = add_lora(model, vision=TowerLora(), text=TowerLora(), train_logit_scale=False)
+    model, _ = load_model(str(tiny_clip_dir))
+    frozen = adapt(model, vision=lora(), text=lora(), train_logit_scale=False)
     assert not frozen.base_model.model.logit_scale.requires_grad
     assert extra_trainable_state(frozen) == {}
     assert trainable_parameters_by_tower(frozen)["shared"]["trainable"] == 0
 
-    model, _ = load_clip(str(tiny_clip_dir))
-    trained = add_lora(model, vision=TowerLora(), text=TowerLora(), train_logit_scale=True)
+    model, _ = load_model(str(tiny_clip_dir))
+    trained = adapt(model, vision=lora(), text=lora(), train_logit_scale=True)
     scale = trained.base_model.model.logit_scale
     assert scale.requires_grad
     with torch.no_grad():
@@ -271,10 +286,10 @@ def test_logit_scale_trainable_only_when_asked(tiny_clip_dir):
 
 def test_adapter_round_trips_through_plain_peft(clip, batch, tiny_clip_dir, tmp_path):
     model, _ = clip
-    peft_model = add_lora(
+    peft_model = adapt(
         model,
-        vision=TowerLora(rank=4, alpha=8.0, layers=(-1,)),
-        text=TowerLora(rank=2, alpha=6.0, target_modules=("q_proj", "v_proj", "fc2")),
+        vision=lora(rank=4, alpha=8.0, layers=(-1,)),
+        text=lora(rank=2, alpha=6.0, target_modules=("q_proj", "v_proj", "fc2")),
     )
     randomise_lora_B(peft_model)
     trained_img, trained_txt = features(peft_model, batch)
@@ -310,7 +325,7 @@ def assert_plain_peft_round_trip(peft_model, batch, base_dir, tmp_path, **differ
 
 def test_trained_adapter_after_optimizer_steps_round_trips(clip, batch, tiny_clip_dir, tmp_path):
     model, _ = clip
-    peft_model = add_lora(model, vision=TowerLora(rank=4), text=TowerLora(rank=2))
+    peft_model = adapt(model, vision=lora(rank=4), text=lora(rank=2))
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model.train()
     for _ in range(2):
@@ -322,7 +337,7 @@ def test_trained_adapter_after_optimizer_steps_round_trips(clip, batch, tiny_cli
 
 def test_trained_projections_are_restored_by_plain_peft(clip, batch, tiny_clip_dir, tmp_path):
     model, _ = clip
-    peft_model = add_lora(model, vision=TowerLora(rank=4), text=TowerLora(rank=2), train_projections=True)
+    peft_model = adapt(model, vision=lora(rank=4), text=lora(rank=2), train_projections=True)
     projection_params = [
         (n, p) for n, p in peft_model.named_parameters() if "projection" in n and p.requires_grad
     ]
@@ -342,8 +357,8 @@ def test_trained_projections_are_restored_by_plain_peft(clip, batch, tiny_clip_d
 
 def test_merge_and_unload_keeps_the_features(clip, batch):
     model, _ = clip
-    peft_model = add_lora(
-        model, vision=TowerLora(rank=4, alpha=4.0), text=TowerLora(rank=2, alpha=8.0), train_projections=True
+    peft_model = adapt(
+        model, vision=lora(rank=4, alpha=4.0), text=lora(rank=2, alpha=8.0), train_projections=True
     )
     randomise_lora_B(peft_model, seed=5)
     adapted_img, adapted_txt = features(peft_model, batch)
@@ -359,7 +374,7 @@ def test_merge_and_unload_keeps_the_features(clip, batch):
 def test_merge_changes_the_base_weights(clip, tiny_clip_dir):
     """The merge invariant above is only meaningful if the adapter is not a no-op."""
     model, _ = clip
-    peft_model = add_lora(model, vision=TowerLora(rank=4), text=TowerLora(rank=2))
+    peft_model = adapt(model, vision=lora(rank=4), text=lora(rank=2))
     randomise_lora_B(peft_model, seed=5)
     merged = peft_model.merge_and_unload()
     base = CLIPModel.from_pretrained(tiny_clip_dir)
@@ -374,32 +389,55 @@ def test_merge_changes_the_base_weights(clip, tiny_clip_dir):
 # Loading errors
 
 
-def test_load_clip_missing_folder_names_the_recipe_key(tmp_path, monkeypatch):
+def test_load_model_missing_folder_names_the_recipe_key(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     # Never reach for the network even if the path were taken for a hub id.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     missing = tmp_path / "no-such-model"
-    with pytest.raises(ModelLoadError, match=r"^model\.name_or_path: could not load CLIPModel \+ CLIPProcessor") as info:
-        load_clip(str(missing))
+    with pytest.raises(ModelLoadError, match=r"^model\.name_or_path: could not load the model config from local folder|^model\.name_or_path: could not load the model config from hub id") as info:
+        load_model(str(missing))
     assert str(missing) in str(info.value)
     assert "offline" not in str(info.value)  # HF_HUB_OFFLINE is not set in the environment
     assert info.value.__cause__ is not None
 
 
-def test_load_clip_offline_hub_id_says_the_machine_is_offline(monkeypatch):
+def test_load_model_offline_hub_id_says_the_machine_is_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # huggingface_hub reads HF_HUB_OFFLINE at import time; make the running process offline too.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match=r"model\.name_or_path: .*hub id 'nonexistent-org/nonexistent-model'") as info:
-        load_clip("nonexistent-org/nonexistent-model", revision="v1")
+        load_model("nonexistent-org/nonexistent-model", revision="v1")
     message = str(info.value)
     assert "at revision 'v1'" in message
     assert "The machine is offline (HF_HUB_OFFLINE is set)" in message
 
 
-def test_load_clip_folder_without_a_model_is_a_local_folder_error(tmp_path, monkeypatch):
+def test_load_model_folder_without_a_model_is_a_local_folder_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match=r"model\.name_or_path: .*from local folder"):
-        load_clip(str(tmp_path / "empty"))
+    with pytest.raises(ModelLoadError, match=r"model\.name_or_path: .*from local folder") as info:
+        load_model(str(tmp_path / "empty"))
+    # A local folder is not a hub lookup: being offline is not the cause and is not blamed.
+    assert "offline" not in str(info.value)
+
+
+def test_a_folder_holding_weights_without_a_processor_names_both_classes(tiny_clip_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    import shutil
+
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_clip_dir / name, folder / name)
+    with pytest.raises(ModelLoadError, match=r"could not load CLIPModel \+ CLIPProcessor from local folder"):
+        load_model(str(folder))
+
+
+def test_a_checkpoint_that_is_not_an_image_text_model_is_refused_before_its_weights(tmp_path, monkeypatch):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"model\.name_or_path: a BertConfig checkpoint is not a supported image-text model; supported configs: CLIPConfig, VisionTextDualEncoderConfig"):
+        load_model(str(tmp_path))
