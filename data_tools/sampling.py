@@ -21,11 +21,13 @@ steps per epoch derived from it) follows `sampler.epoch`.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch.utils.data import Sampler
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(Sampler[int], abc.ABC):
     """Base class: subclasses implement `epoch_order(epoch, generator)`, a pure function of its arguments.
 
     `epoch` is a plain attribute the loop assigns (see the module docstring for why not `set_epoch`).
@@ -36,18 +38,18 @@ class EpochSampler(Sampler[int]):
         self.epoch = 0
         self._cached: tuple[int, torch.Tensor] | None = None  # (epoch, order): len() and iter() agree, computed once
 
-    def generator(self, epoch: int) -> torch.Generator:
+    def epoch_generator(self, epoch: int) -> torch.Generator:
         """The only randomness an epoch may use; distinct and reproducible per (seed, epoch)."""
         return torch.Generator().manual_seed(self.seed * 100_003 + epoch)
 
+    @abc.abstractmethod
     def epoch_order(self, epoch: int, generator: torch.Generator) -> torch.Tensor | list[int]:
         """Row indices to visit in `epoch`, in order (repeats allowed). Use only `generator` for randomness."""
-        raise NotImplementedError(f"{type(self).__name__} must implement epoch_order(epoch, generator)")
 
     def order(self, epoch: int) -> torch.Tensor:
         """`epoch_order` for `epoch` as an int64 tensor (8 bytes a row), computed once per epoch."""
         if self._cached is None or self._cached[0] != epoch:
-            order = torch.as_tensor(self.epoch_order(epoch, self.generator(epoch)), dtype=torch.int64)  # (N_epoch,)
+            order = torch.as_tensor(self.epoch_order(epoch, self.epoch_generator(epoch)), dtype=torch.int64)  # (N_epoch,)
             self._cached = (epoch, order)
         return self._cached[1]
 

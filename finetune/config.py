@@ -186,7 +186,10 @@ class TrainConfig(Section):
     output_dir: str = Field(default="runs/default", description="Everything a run writes goes here.")
     seed: int = Field(default=0, description="Seeds model init of LoRA, data order and dropout.")
     batch_size: int = Field(
-        default=64, gt=0, description="Per process. Contrastive negatives = batch_size x processes."
+        default=64,
+        gt=0,
+        description="Per process. Each pair sees up to batch_size x processes - 1 negatives "
+        "(batch_size - 1 with loss.gather_across_processes: false).",
     )
     gradient_accumulation_steps: int = Field(
         default=1,
@@ -368,8 +371,8 @@ def load_resolved_config(path: str | os.PathLike) -> RecipeConfig:
 
 def save_config(cfg: RecipeConfig, path: str | os.PathLike) -> None:
     """Write the fully resolved config (every default spelled out); later steps read it back from here."""
+    from finetune.io import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

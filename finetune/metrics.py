@@ -82,8 +82,8 @@ class QueryRanks:
 
         After the ``better`` candidates, j = k - better slots remain for the m + t tied ones; the
         query misses when all j go to others: P(miss) = C(t, j) / C(m + t, j), which is
-        prod_{i=1..m} (t - j + i) / (t + i). A product over m (a handful of captions) rather than
-        over j keeps it exact for the common m = 1, where it reduces to j / (t + 1).
+        prod_{i=1..m} (t - j + i) / (t + i): a product over m (a handful of own captions) rather
+        than over j (up to k). For text->image, m = 1 and P(hit) = j / (t + 1).
         """
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
@@ -91,7 +91,8 @@ class QueryRanks:
         j = torch.minimum(slots.clamp(min=0), self.tied).double()  # (Q,) in [0, t]
         t, m = self.tied.double(), self.tied_own  # (Q,), (Q,)
         miss = torch.ones_like(t)  # (Q,)
-        for i in range(1, int(m.max()) + 1 if m.numel() else 1):
+        most_own = int(m.max()) if m.numel() else 0
+        for i in range(1, most_own + 1):
             factor = (t - j + i) / (t + i)  # (Q,)
             miss = torch.where(m >= i, miss * factor, miss)
         hit = 1.0 - miss
@@ -115,7 +116,7 @@ def retrieval_ranks(
 
     Args:
         image_emb: (N_img, D) image embeddings, any scale.
-        text_emb: (N_txt, D) caption embeddings, any scale, on the same device as image_emb.
+        text_emb: (N_txt, D) caption embeddings, any scale; scored on image_emb's device.
         text_to_image: (N_txt,) integer index of each caption's image. Every image needs at least
             one caption, otherwise its image->text rank is undefined.
         chunk_bytes: bytes of similarity scores held at once; sets how many query rows are scored

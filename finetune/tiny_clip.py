@@ -26,7 +26,7 @@ FIXED_VOCAB_SIZE = len(SPECIAL_TOKENS) + 2 * len(BYTE_SYMBOLS)
 
 
 def train_clip_tokenizer(texts: list[str], vocab_size: int, max_length: int = 32) -> CLIPTokenizer:
-    """Learn up to `vocab_size` BPE merges on `texts`; everything else is CLIP's tokenizer pipeline.
+    """Learn up to `vocab_size` BPE tokens on `texts`; everything else is CLIP's tokenizer pipeline.
 
     `vocab_size` counts the learned tokens only. On top of them the vocabulary always holds the
     `FIXED_VOCAB_SIZE` (514) tokens no text can do without: the two special tokens (ids 0 and 1)

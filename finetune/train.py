@@ -28,7 +28,6 @@ from finetune.quiet import quiet_third_party_notices
 quiet_third_party_notices()  # before transformers / peft / accelerate are imported
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -68,7 +67,7 @@ from finetune.model import (  # noqa: E402
     save_processor,
     trainable_parameters_by_tower,
 )
-from finetune.report import format_results_table, write_results  # noqa: E402
+from finetune.report import describe_duplicate_captions, format_results_table, write_results  # noqa: E402
 from finetune.step import contrastive_step  # noqa: E402
 from finetune.towers import logit_scale, model_layout  # noqa: E402
 
@@ -151,7 +150,8 @@ def train_loop(cfg, accelerator, model, loss_fn, optimizer, scheduler, loader, s
         for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
             state.batches_done_in_epoch += 1
             pending_skipped += int(batch["corrupt_images"])
-            if not every_process_has_pairs(batch, accelerator):  # all ranks skip it together: no one waits
+            if not contrastive_batch_on_every_process(batch, accelerator, cfg.loss.gather_across_processes):
+                # All ranks skip it together, so no rank waits in a collective the others never enter.
                 state.skipped_batches += 1
                 continue
             usable += 1
@@ -192,7 +192,7 @@ def train_loop(cfg, accelerator, model, loss_fn, optimizer, scheduler, loader, s
         else:
             if usable == 0 and skip == 0:
                 raise TrainingError(
-                    f"data.train: a whole pass over the data had no batch with a readable image on every process "
+                    f"data.train: a whole pass over the data had no batch with two readable images on every process "
                     f"({state.skipped_batches} batches skipped): check the image column and files"
                 )
             state.epoch, state.batches_done_in_epoch = state.epoch + 1, 0
@@ -286,14 +286,14 @@ def build_datasets(cfg: RecipeConfig, tokenizer, max_text_length: int, accelerat
         f"Train: {len(train_pairs)} caption-image pairs. Eval: "
         + ", ".join(f"{k} {v.num_images} images / {len(v.captions)} captions" for k, v in eval_sets.items())
     )
-    for name, rset in eval_sets.items():
-        dup = duplicate_caption_texts(rset.captions)
-        if dup["duplicate_captions"]:
-            accelerator.print(
-                f"Eval set {name}: {dup['duplicate_captions']} of {dup['captions']} captions share their text with "
-                f"another caption (e.g. {dup['example']!r}); their exact ties are scored as the expected rank"
-            )
+    for name, note in eval_set_notes(eval_sets).items():
+        accelerator.print(f"Eval set {name}: {note}")
     return train_pairs, eval_sets
+
+
+def eval_set_notes(eval_sets: dict[str, RetrievalSet]) -> dict[str, str]:
+    """Per eval set, what a reader of its numbers should know (duplicate caption texts tie exactly)."""
+    return {name: describe_duplicate_captions(duplicate_caption_texts(rset.captions)) for name, rset in eval_sets.items()}
 
 
 def zero_shot_results(model, evaluate, eval_sets, out: Path, checkpoint: Path | None, accelerator) -> dict:
@@ -411,12 +411,16 @@ def resume(accelerator: Accelerator, checkpoint: Path | None, cfg: RecipeConfig,
 # ----------------------------------------------------------------------------- loop helpers
 
 
-def every_process_has_pairs(batch: dict, accelerator: Accelerator) -> bool:
-    """False when this or any other process got a batch whose images were all unreadable."""
+def contrastive_batch_on_every_process(batch: dict, accelerator: Accelerator, gather: bool) -> bool:
+    """False when unreadable images left some process's loss without a pair, or without a negative.
+
+    One pair alone has no negative: its loss and gradient are exactly zero, a step that teaches nothing.
+    """
     rows = torch.tensor([len(batch["image_index"])], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        dist.all_reduce(rows, op=dist.ReduceOp.MIN)
-    return bool(rows.item() > 0)
+    counts = accelerator.gather(rows) if accelerator.num_processes > 1 else rows  # (processes,)
+    if gather:
+        return bool(counts.min() >= 1 and counts.sum() >= 2)
+    return bool(counts.min() >= 2)
 
 
 def check_finite(loss, terms, state: TrainerState, scheduler) -> None:
@@ -471,18 +475,19 @@ def write_artifacts(cfg, accelerator, model, processor, results, state: TrainerS
     extra = extra_trainable_state(model)
     if extra:
         save_file({k: v.cpu() for k, v in extra.items()}, adapter_dir / EXTRA_TRAINABLES_FILE)
-    files = write_results(results, out / "eval")
+    notes = eval_set_notes(eval_sets)
+    files = write_results(results, out / "eval", set_notes=notes)
     table = format_results_table(results)
     accelerator.print("\n" + table)
     accelerator.print(f"Wrote {files['json']}, {files['md']}, {files['png']}")
     if state.skipped_images or any(skipped_eval.values()):
         accelerator.print(f"Skipped unreadable images: train {state.skipped_images}, eval {skipped_eval}")
     if state.skipped_batches:
-        accelerator.print(f"Skipped {state.skipped_batches} training batches with no readable image on some process")
+        accelerator.print(f"Skipped {state.skipped_batches} training batches left with fewer than two readable images on some process")
     for card in (out / "README.md", adapter_dir / "README.md"):  # the adapter folder travels alone
         write_model_card(
             card, cfg=cfg, results_table=table, trainable=trainable_parameters_by_tower(model), steps=state.step,
-            train_seconds=state.train_seconds, num_processes=accelerator.num_processes,
+            train_seconds=state.train_seconds, num_processes=accelerator.num_processes, set_notes=notes,
         )
     accelerator.print(f"Adapter: {adapter_dir}  (load with finetune.model.load_adapted({str(out)!r}) or plain PEFT)")
 

@@ -100,23 +100,34 @@ def test_medical_recipe_on_local_roco_standin(tiny_clip_dir, roco_like_dir, tmp_
         *SMALL,
     ]
     assert train.main(["recipes/medical.yaml", *overrides]) == 0
-    results = assert_run_artifacts(out, {"target"}, steps=3)
-    assert results["adapted"]["target"]["t2i"]["R@10"] > 0
+    assert_run_artifacts(out, {"target"}, steps=3)
+    # Accumulation of 2: three optimizer steps consumed all six micro-batches of the epoch.
+    state = read_trainer_state(latest_checkpoint(out / "checkpoints"))
+    assert (state["step"], state["epoch"], state["batches_done_in_epoch"]) == (3, 0, 6)
     evals = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert any("eval" in r and r["step"] == 2 for r in evals)
+    assert [r["step"] for r in evals if "eval" in r] == [2]
 
 
 def test_fashion_recipe_on_local_standin(tiny_clip_dir, fashion_like_dir, tmp_path):
-    out = tmp_path / "fashion"
-    overrides = [
-        *hub_standin_overrides(tiny_clip_dir, fashion_like_dir, out, steps=2),
-        "train.mixed_precision=no",
-        "train.enable_gradient_checkpointing=true",  # adapters must still get gradients (checked at step 1)
-        "data.max_text_length=32",
-        *SMALL,
-    ]
-    assert train.main(["recipes/fashion.yaml", *overrides]) == 0
-    assert_run_artifacts(out, {"target"}, steps=2)
+    def overrides(out, checkpointing: bool):
+        return [
+            *hub_standin_overrides(tiny_clip_dir, fashion_like_dir, out, steps=2),
+            "train.mixed_precision=no",
+            f"train.enable_gradient_checkpointing={str(checkpointing).lower()}",
+            "data.max_text_length=32",
+            "eval.zero_shot=false",
+            *SMALL,
+        ]
+
+    # Gradient checkpointing recomputes activations (dropout RNG restored): same weights as the plain path.
+    assert train.main(["recipes/fashion.yaml", *overrides(tmp_path / "gc", True)]) == 0
+    AcceleratorState._reset_state(True)
+    assert train.main(["recipes/fashion.yaml", *overrides(tmp_path / "plain", False)]) == 0
+    with_gc, plain = trainable_tensors(tmp_path / "gc"), trainable_tensors(tmp_path / "plain")
+    assert with_gc.keys() == plain.keys()
+    assert max(plain[k].abs().max() for k in plain if "lora_B" in k) > 0
+    for name in plain:
+        torch.testing.assert_close(with_gc[name], plain[name], rtol=0, atol=1e-6, msg=name)
 
 
 def trainable_tensors(out: Path) -> dict[str, torch.Tensor]:
@@ -127,43 +138,91 @@ class SimulatedKill(Exception):
     pass
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tiny_clip_dir, tmp_path, monkeypatch):
-    # 24 images x 2 captions / batch 8 = 6 batches an epoch: the cut at step 8 lies inside epoch 1,
-    # so resuming must replay epoch 1's order and skip the 2 batches already seen.
-    full = tmp_path / "full"
-    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, full, steps=10)]) == 0
-    AcceleratorState._reset_state(True)
-
-    # Die right after the step-8 checkpoint, leaving a half-written step-10 folder behind.
-    cut = tmp_path / "cut"
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_clip_dir, tmp_path, monkeypatch, capsys):
+    # 24 images x 2 captions / batch 8 = 6 batches an epoch: the cut after step 9 lies inside epoch 1,
+    # so resuming from the step-8 checkpoint must replay epoch 1's order and skip the 2 batches seen.
+    saved_steps = []
     real_save = train.save_checkpoint
 
-    def save_then_die(accelerator, root, step, state, keep_last):
-        path = real_save(accelerator, root, step, state, keep_last)
-        if step == 8:
-            (Path(root) / ".tmp-step-00000010").mkdir()
-            (Path(root) / ".tmp-step-00000010" / "trainable_0.safetensors").write_bytes(b"half written")
-            raise SimulatedKill(step)
-        return path
+    def recording_save(accelerator, root, step, state, keep_last):
+        saved_steps.append(step)
+        return real_save(accelerator, root, step, state, keep_last)
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(train, "save_checkpoint", recording_save)
+    full = tmp_path / "full"
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, full, steps=10)]) == 0
+    assert saved_steps == [2, 4, 6, 8, 10]  # the final checkpoint is the periodic one, written once
+    AcceleratorState._reset_state(True)
+
+    # Die after step 9 was logged (between checkpoints), leaving a half-written step-10 folder behind.
+    cut = tmp_path / "cut"
+    real_append = train.append_log
+
+    def log_then_die(path, record):
+        real_append(path, record)
+        if record.get("step") == 9:
+            (cut / "checkpoints" / ".tmp-step-00000010").mkdir()
+            (cut / "checkpoints" / ".tmp-step-00000010" / "trainable_0.safetensors").write_bytes(b"half written")
+            raise SimulatedKill(9)
+
+    monkeypatch.setattr(train, "append_log", log_then_die)
     with pytest.raises(SimulatedKill):
         train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10)])
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(train, "append_log", real_append)
     AcceleratorState._reset_state(True)
     assert latest_checkpoint(cut / "checkpoints").name == "step-00000008"
     assert read_trainer_state(latest_checkpoint(cut / "checkpoints"))["epoch"] == 1
 
+    # A resume that would not be exact is refused, naming what changed; nothing is touched.
+    capsys.readouterr()
+    changed = ["train.batch_size=4", "optim.lr=0.5"]
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), "train.resume_from=latest", *changed]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "train.batch_size: 8 -> 4" in err and "optim.lr: 0.002 -> 0.5" in err
+    AcceleratorState._reset_state(True)
+
+    # Logging cadence may change freely; the resume continues exactly.
+    saved_steps.clear()
     assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), "train.resume_from=latest"]) == 0
+    assert saved_steps == [10]
     assert not (cut / "checkpoints" / ".tmp-step-00000010").exists()
     assert read_trainer_state(latest_checkpoint(cut / "checkpoints"))["step"] == 10
     a, b = trainable_tensors(full), trainable_tensors(cut)
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
-    # the resumed run's log continues at step 9, not from 1
+    # the log holds each step once: step 9's line from before the kill was cut back on resume
     steps = [json.loads(l)["step"] for l in (cut / "train_log.jsonl").read_text().splitlines() if "contrastive" in l]
     assert steps == list(range(1, 11))
+    full_log = [json.loads(l) for l in (full / "train_log.jsonl").read_text().splitlines()]
+    cut_log = [json.loads(l) for l in (cut / "train_log.jsonl").read_text().splitlines()]
+    assert [r["contrastive"] for r in cut_log] == pytest.approx([r["contrastive"] for r in full_log], abs=1e-5)
+
+
+def test_unreadable_image_count_survives_a_resume(tiny_clip_dir, tmp_path, monkeypatch, capsys):
+    data = write_parquet_split(tmp_path / "data", 20, corrupt={i for i in range(20) if i % 5 == 0})
+    common = ["recipes/demo.yaml", "train.max_steps=4", "train.batch_size=5", "train.checkpoint_every_steps=2", "eval.zero_shot=false"]
+    assert train.main([*common, *local_data_overrides(tiny_clip_dir, data, data, tmp_path / "full")]) == 0
+    full = read_trainer_state(latest_checkpoint(tmp_path / "full" / "checkpoints"))["skipped_images"]
+    assert full > 0
+    AcceleratorState._reset_state(True)
+
+    real_append = train.append_log
+
+    def log_then_die(path, record):
+        real_append(path, record)
+        if record.get("step") == 3:
+            raise SimulatedKill(3)
+
+    monkeypatch.setattr(train, "append_log", log_then_die)
+    with pytest.raises(SimulatedKill):
+        train.main([*common, *local_data_overrides(tiny_clip_dir, data, data, tmp_path / "cut"), "train.log_every_steps=1"])
+    monkeypatch.setattr(train, "append_log", real_append)
+    AcceleratorState._reset_state(True)
+    resumed = [*common, *local_data_overrides(tiny_clip_dir, data, data, tmp_path / "cut"), "train.resume_from=latest"]
+    assert train.main(resumed) == 0
+    assert read_trainer_state(latest_checkpoint(tmp_path / "cut" / "checkpoints"))["skipped_images"] == full
+    assert f"Skipped unreadable images: train {full}," in capsys.readouterr().out
 
 
 def test_bad_recipe_exits_nonzero_with_all_problems(tiny_clip_dir, tmp_path, capsys):
@@ -203,6 +262,9 @@ def test_script_runs_as_a_file(tiny_clip_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    screen = proc.stdout + proc.stderr
+    for noise in ("gemm_4bit_forward", "Generating train split", "Downloading data", "Map:", "Normalizing"):
+        assert noise not in screen, noise
 
 
 def test_two_processes_equal_one_process_with_the_global_batch(tiny_clip_dir, tmp_path):
@@ -225,11 +287,12 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_clip_dir, tm
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517"]
     proc = subprocess.run(
-        [*launch, "finetune/train.py", *common, "train.batch_size=8", f"train.output_dir={tmp_path / 'two'}"],
+        [*launch, "finetune/train.py", *common, "train.batch_size=8", f"train.output_dir={tmp_path / 'two'}", "eval.every_steps=2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("Trainable vision") == 1  # one main process logs
+    assert proc.stdout.count("step 2: target t2i R@1") + proc.stderr.count("step 2: target t2i R@1") == 1
     assert train.main([*common, "train.batch_size=16", f"train.output_dir={tmp_path / 'one'}"]) == 0
 
     two, one = trainable_tensors(tmp_path / "two"), trainable_tensors(tmp_path / "one")
@@ -245,42 +308,48 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_clip_dir, tm
             assert r2[name][direction] == pytest.approx(r1[name][direction]), (name, direction)
 
 
-def test_corrupt_images_are_skipped_and_counted(tiny_clip_dir, tmp_path, capsys):
+def write_parquet_split(folder: Path, n: int, corrupt, seed: int = 5) -> Path:
+    """A parquet train split of n target-domain images; rows in `corrupt` hold bytes no decoder reads."""
+    import io
+
     import datasets
 
     from data_tools.synthetic import generate_domain
 
-    cols = generate_domain("target", 20, image_size=32, seed=5)
-    images = [{"bytes": None, "path": None} for _ in cols["image"]]
+    cols = generate_domain("target", n, image_size=32, seed=seed)
+    images = []
     for i, img in enumerate(cols["image"]):
-        import io
-
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        images[i] = {"bytes": buf.getvalue() if i % 5 else b"not an image", "path": None}  # 4 corrupt
+        images.append({"bytes": b"not an image" if i in corrupt else buf.getvalue(), "path": None})
     ds = datasets.Dataset.from_dict(
         {"image": images, "caption": [c[0] for c in cols["caption"]]},
         features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}),
     )
-    data = tmp_path / "data"
-    data.mkdir()
-    ds.to_parquet(str(data / "train-00000-of-00001.parquet"))
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    ds.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    return folder
+
+
+def local_data_overrides(model_dir, train_dir, eval_dir, out: Path) -> list[str]:
+    return [
+        f"model.name_or_path={model_dir}",
+        "data.train.synthetic=null",
+        f"data.train.path={train_dir}",
+        "data.eval.target.synthetic=null",
+        f"data.eval.target.path={eval_dir}",
+        "data.eval.source=null",
+        f"train.output_dir={out}",
+        "data.num_workers=0",
+    ]
+
+
+def test_corrupt_images_are_skipped_and_counted(tiny_clip_dir, tmp_path, capsys):
+    data = write_parquet_split(tmp_path / "data", 20, corrupt={i for i in range(20) if i % 5 == 0})  # 4 corrupt
     out = tmp_path / "run"
     code = train.main(
-        [
-            "recipes/demo.yaml",
-            f"model.name_or_path={tiny_clip_dir}",
-            "data.train.synthetic=null",
-            f"data.train.path={tmp_path}",
-            "data.eval.target.synthetic=null",
-            f"data.eval.target.path={tmp_path}",
-            "data.eval.source=null",
-            f"train.output_dir={out}",
-            "train.max_steps=2",
-            "train.batch_size=10",
-            "data.num_workers=0",
-            "eval.ks=[1,15,16]",
-        ]
+        ["recipes/demo.yaml", *local_data_overrides(tiny_clip_dir, data, data, out), "train.max_steps=2",
+         "train.batch_size=10", "eval.ks=[1,15,16]"]
     )
     assert code == 0
     printed = capsys.readouterr().out
@@ -289,6 +358,45 @@ def test_corrupt_images_are_skipped_and_counted(tiny_clip_dir, tmp_path, capsys)
     # 16 readable images remain: every caption's image is within the top 16, not always the top 15
     assert results["adapted"]["target"]["t2i"]["R@16"] == 100.0
     assert results["adapted"]["target"]["t2i"]["mean_rank"] <= 16.0
+
+
+def test_a_batch_without_two_readable_images_is_skipped_not_fatal(tiny_clip_dir, tmp_path, capsys):
+    # Batches of 2 from 12 rows, 6 unreadable: some batches keep one pair or none, i.e. no negative.
+    train_dir = write_parquet_split(tmp_path / "train", 12, corrupt={0, 1, 2, 3, 4, 5}, seed=6)
+    eval_dir = write_parquet_split(tmp_path / "eval", 8, corrupt=set(), seed=7)
+    out = tmp_path / "run"
+    code = train.main(
+        ["recipes/demo.yaml", *local_data_overrides(tiny_clip_dir, train_dir, eval_dir, out), "train.max_steps=6",
+         "train.batch_size=2", "train.checkpoint_every_steps=null", "eval.zero_shot=false"]
+    )
+    assert code == 0
+    state = read_trainer_state(latest_checkpoint(out / "checkpoints"))
+    assert state["step"] == 6 and state["skipped_batches"] >= 1
+    # Every batch was drawn: the skipped ones did not count as steps.
+    assert state["epoch"] * 6 + state["batches_done_in_epoch"] == 6 + state["skipped_batches"]
+    assert f"Skipped {state['skipped_batches']} training batches" in capsys.readouterr().out
+
+
+def test_a_training_set_with_no_readable_image_stops_with_a_clear_error(tiny_clip_dir, tmp_path, capsys):
+    train_dir = write_parquet_split(tmp_path / "train", 8, corrupt=set(range(8)))
+    eval_dir = write_parquet_split(tmp_path / "eval", 8, corrupt=set(), seed=7)
+    code = train.main(
+        ["recipes/demo.yaml", *local_data_overrides(tiny_clip_dir, train_dir, eval_dir, tmp_path / "run"),
+         "train.max_steps=3", "train.batch_size=4", "eval.zero_shot=false"]
+    )
+    assert code == 2
+    assert "data.train: a whole pass over the data had no batch with two readable images" in capsys.readouterr().err
+
+
+def test_an_eval_set_with_no_readable_image_stops_with_a_clear_error(tiny_clip_dir, tmp_path, capsys):
+    train_dir = write_parquet_split(tmp_path / "train", 8, corrupt=set())
+    eval_dir = write_parquet_split(tmp_path / "eval", 6, corrupt=set(range(6)), seed=7)
+    code = train.main(
+        ["recipes/demo.yaml", *local_data_overrides(tiny_clip_dir, train_dir, eval_dir, tmp_path / "run"),
+         "train.max_steps=1", "train.batch_size=4"]
+    )
+    assert code == 2
+    assert "all 6 images are unreadable" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tiny_clip_dir, tmp_path, monkeypatch, capsys):
@@ -328,7 +436,8 @@ def test_adapter_folder_is_self_contained(tiny_clip_dir, tmp_path):
     assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, out, steps=2)]) == 0
     adapter = out / "adapter"
     card = (adapter / "README.md").read_text()
-    assert "base_model: " in card and "| target | t2i" in card and "7 in-batch negatives per pair"  # batch 8, one process in card
+    assert "base_model: " in card and "| target | t2i" in card
+    assert "7 in-batch negatives per pair" in card  # batch 8, one process
     assert (adapter / "preprocessor_config.json").is_file()
     processor = CLIPProcessor.from_pretrained(adapter)
     assert processor.tokenizer("a red circle")["input_ids"] == CLIPProcessor.from_pretrained(tiny_clip_dir).tokenizer("a red circle")["input_ids"]
@@ -344,3 +453,102 @@ def test_cpu_flag_with_several_processes_says_it_runs_one(tiny_clip_dir, tmp_pat
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "started a single process" in proc.stdout and "--multi_gpu --num_processes N" in proc.stdout
+
+
+def test_errors_from_libraries_keep_their_traceback(tiny_clip_dir, tmp_path, monkeypatch):
+    """Only the toolkit's own errors become one 'error:' line; a ValueError from below is a bug to see."""
+    from finetune.losses import ClipInfoNCE
+
+    def broken(self, features, batch):
+        raise ValueError("shape mismatch deep inside a library")
+
+    monkeypatch.setattr(ClipInfoNCE, "forward", broken)
+    with pytest.raises(ValueError, match="shape mismatch deep inside a library"):
+        train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, tmp_path / "bug")])
+
+
+def test_max_text_length_above_the_models_limit_is_a_recipe_error_before_any_work(tiny_clip_dir, tmp_path, capsys):
+    out = tmp_path / "long"
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, out), "data.max_text_length=100"]) == 2
+    err = capsys.readouterr().err
+    assert "data.max_text_length: 100 is more than the text tower" in err and "(32 tokens); use at most 32" in err
+    assert not out.exists()
+
+
+def test_truncated_captions_are_counted_and_named_at_load_time(tiny_clip_dir, tmp_path, capsys):
+    out = tmp_path / "short"
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, out, steps=1), "data.max_text_length=6"]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: data.train: 48 of 48 captions are longer than 6 tokens and will be cut" in printed
+    assert "warning: data.eval.target:" in printed and "data.max_text_length" in printed
+
+
+def test_a_loss_with_its_own_parameter_is_optimised_and_checkpointed(tiny_clip_dir, tmp_path, monkeypatch):
+    from finetune.losses import ClipInfoNCE
+
+    class InfoNCEWithBias(ClipInfoNCE):
+        """A learned bias on the loss: stands in for any term with parameters (e.g. SigLIP's bias)."""
+
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, features, batch):
+            terms = super().forward(features, batch)
+            terms["bias_penalty"] = self.bias ** 2
+            return terms
+
+    monkeypatch.setattr(train, "build_loss", lambda cfg: InfoNCEWithBias())
+    out = tmp_path / "bias"
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, out, steps=4)]) == 0
+    ckpt = latest_checkpoint(out / "checkpoints")
+    bias = load_file(ckpt / "trainable_1.safetensors")["bias"]
+    assert 0.0 < bias.item() < 0.5  # the optimizer moved it towards 0
+    log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert all("bias_penalty" in r for r in log)  # a new term is logged without touching the loop
+
+
+def test_load_adapted_reproduces_the_runs_adapted_numbers(tiny_clip_dir, tmp_path):
+    from data_tools.loading import RetrievalSet, load_image_text_dataset
+    from finetune.evaluate import evaluate_retrieval
+    from finetune.model import load_adapted
+
+    out = tmp_path / "run"
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, out, steps=3), "model.train_logit_scale=true"]) == 0
+    model, processor = load_adapted(out)
+    assert not model.training
+    sets = {
+        "target": RetrievalSet.from_pairs(
+            load_image_text_dataset(key="data.eval.target", synthetic=dict(domain="target", num_images=12, seed=1))
+        )
+    }
+    got, _ = evaluate_retrieval(model, processor, sets, batch_size=64, max_text_length=32, ks=(1, 5, 10))
+    saved = json.loads((out / "eval" / "results.json").read_text())["adapted"]["target"]
+    for direction in ("t2i", "i2t"):
+        assert got["target"][direction] == pytest.approx(saved[direction]), direction
+    from safetensors.torch import load_file as load
+
+    trained_scale = load(out / "adapter" / "extra_trainables.safetensors")["logit_scale"]
+    torch.testing.assert_close(model.get_base_model().logit_scale.detach(), trained_scale)
+
+
+def test_cpu_runs_use_the_cores_accelerate_launch_would_leave_idle(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+        monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # launched by `accelerate launch`
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # its default when no config says otherwise
+        monkeypatch.delenv("DOMAINCLIP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        torch.set_num_threads(1)
+        train.use_all_cores_on_cpu()
+        assert torch.get_num_threads() == cores
+        monkeypatch.setenv("DOMAINCLIP_NUM_THREADS", "1")  # the user's own choice wins
+        train.use_all_cores_on_cpu()
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("DOMAINCLIP_NUM_THREADS")
+        monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")  # plain python with OMP_NUM_THREADS=1: the user's setting
+        train.use_all_cores_on_cpu()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

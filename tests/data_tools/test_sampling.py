@@ -75,5 +75,10 @@ def test_per_epoch_length_drives_the_loader_length():
 
 
 def test_base_class_names_the_missing_method():
-    with pytest.raises(NotImplementedError, match="EpochSampler must implement epoch_order"):
-        list(EpochSampler(seed=0))
+    with pytest.raises(TypeError, match="abstract method.*epoch_order"):
+        EpochSampler(seed=0)
+
+
+def test_no_attribute_accelerate_would_mistake_for_a_torch_generator():
+    # Accelerate's prepare() synchronises `sampler.generator` if there is one; a method of that name breaks it.
+    assert not hasattr(EpochShuffleSampler(4, seed=0), "generator")

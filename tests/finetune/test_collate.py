@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import datasets
 import pytest
 import torch
 from PIL import Image
@@ -113,8 +114,7 @@ def test_count_truncated_captions_counts_and_names_the_cut_words(processor):
 def test_count_truncated_captions_reads_a_dataset_column(processor):
     # The trainer passes pairs["caption"] (a lazy datasets Column), not a list.
     long = "finding: round crimson large lesion, upper left region shows a small azure wedge focus"
-    ds = load_image_text_dataset(key="data.train", synthetic={"domain": "target", "num_images": 2})
-    column = ds.add_item({**ds[0], "caption": long})["caption"]
+    column = datasets.Dataset.from_dict({"caption": ["a red circle", long, "a ring"]})["caption"]
     assert not isinstance(column, list)
     assert count_truncated_captions(processor.tokenizer, column, 12) == (1, TruncatedCaption(long, "shows a small azure wedge focus"))
 

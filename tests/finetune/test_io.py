@@ -58,7 +58,6 @@ def test_temp_file_lives_beside_the_target(tmp_path) -> None:
     with atomic_open(path) as fh:
         (tmp_file,) = [p for p in tmp_path.iterdir()]
         assert tmp_file.name.startswith(".config.yaml.") and tmp_file.name.endswith(".tmp")
-        assert fh.name == str(tmp_file) or fh.name == tmp_file.name or isinstance(fh.name, int)
         assert not path.exists()  # nothing visible until the block ends
         fh.write(b"x: 1\n")
     assert path.read_text() == "x: 1\n"
