@@ -1,42 +1,80 @@
 """`domainclip` console script.
 
-    domainclip train recipes/demo.yaml [key.sub=value ...]      same as finetune/train.py (one process)
-    domainclip validate recipes/medical.yaml [key.sub=value ...] check a recipe, print the resolved config
+    domainclip train recipes/demo.yaml [key.sub=value ...]                    one process, in this process
+    domainclip train recipes/medical.yaml --num-processes 8 [key.sub=value ...] hands off to Accelerate's launcher
+    domainclip validate recipes/medical.yaml [key.sub=value ...]                check a recipe, print it resolved
 
-For several GPUs or nodes use `accelerate launch finetune/train.py ...` (see the README).
+`train` validates the recipe once, before any process starts, so a bad recipe gets one clean error. With
+`--num-processes N` (N > 1) it runs `accelerate launch` with every launcher setting spelled out (on a
+machine without CUDA, N CPU processes over gloo). Multi-node runs and custom Accelerate configs keep
+using `accelerate launch finetune/train.py ...` directly.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
 from finetune.config import ConfigError, load_config
 
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+
+
+def launch_command(recipe: str, overrides: list[str], num_processes: int, mixed_precision: str, port: int | None = None) -> list[str]:
+    """`accelerate launch` for N local processes with every setting it would otherwise warn about."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu",  # N processes: GPUs when CUDA is there, gloo CPU processes when not
+        "--num_processes", str(num_processes),
+        "--num_machines", "1",
+        "--mixed_precision", mixed_precision,
+        "--dynamo_backend", "no",
+    ]
+    if port is not None:
+        command += ["--main_process_port", str(port)]
+    return [*command, str(TRAIN_SCRIPT), recipe, *overrides]
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="domainclip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("train", "adapt a CLIP checkpoint with a recipe"), ("validate", "check a recipe without running it")):
-        cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("recipe")
-        cmd.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    train = sub.add_parser("train", help="adapt a checkpoint with a recipe")
+    train.add_argument("recipe")
+    train.add_argument("overrides", nargs="*")
+    train.add_argument("--num-processes", type=int, default=1, help="local processes (GPUs, or CPU processes without CUDA)")
+    train.add_argument("--main-process-port", type=int, default=None, help="rendezvous port with --num-processes > 1")
+    validate = sub.add_parser("validate", help="check a recipe without running it")
+    validate.add_argument("recipe")
+    validate.add_argument("overrides", nargs="*")
+    # Overrides may come before or after the options: `train recipe --num-processes 2 a.b=1` too.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
 
-    if args.command == "train":
-        from finetune.train import main as train_main
-
-        return train_main([args.recipe, *args.overrides])
     try:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
-    print(f"# {args.recipe}: valid", file=sys.stderr)
-    return 0
+    if args.command == "validate":
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        print(f"# {args.recipe}: valid", file=sys.stderr)
+        return 0
+    if args.num_processes < 1:
+        print("error: --num-processes must be at least 1", file=sys.stderr)
+        return 2
+    if args.num_processes == 1:
+        from finetune.train import main as train_main
+
+        return train_main([args.recipe, *args.overrides])
+    command = launch_command(args.recipe, args.overrides, args.num_processes, cfg.train.mixed_precision, args.main_process_port)
+    return subprocess.run(command).returncode
 
 
 if __name__ == "__main__":

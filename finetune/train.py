@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # `python finetune/train.py` / `accelerate launch
 
 from finetune.quiet import quiet_third_party_notices
 
-quiet_third_party_notices()  # before transformers / peft / accelerate are imported
+quiet_third_party_notices()  # before peft imports bitsandbytes
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
@@ -318,6 +318,7 @@ def tower_lora(cfg: LoraTowerConfig) -> TowerLora:
 
 def build_model(cfg: RecipeConfig, model, accelerator: Accelerator):
     """LoRA on both towers (each with its own settings), optional gradient checkpointing."""
+    set_seed(cfg.train.seed)  # adapter init must not depend on what ran before (zero-shot eval draws RNG)
     model = add_lora(
         model, vision=tower_lora(cfg.lora.vision), text=tower_lora(cfg.lora.text),
         train_projections=cfg.model.train_projections, train_logit_scale=cfg.model.train_logit_scale,

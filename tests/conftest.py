@@ -21,7 +21,7 @@ from finetune.tiny_clip import build_tiny_clip, save_clip_folder  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     """2 layers, width 32, 32x32 images: a real CLIPModel/CLIPProcessor folder, untrained."""
-    model, processor = build_tiny_clip(all_caption_text(per_domain=150), vocab_size=300, width=32, layers=2)
+    model, processor = build_tiny_clip(all_caption_text(per_domain=150), vocab_size=40, width=32, layers=2)
     return save_clip_folder(model, processor, tmp_path_factory.mktemp("tiny-clip"))
 
 

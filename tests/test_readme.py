@@ -18,7 +18,7 @@ def bash_blocks() -> list[str]:
 
 def test_readme_shows_the_two_commands():
     lines = [line for block in bash_blocks() for line in block.splitlines()]
-    demo = [line for line in lines if line.startswith(SETUP) and line.endswith("accelerate launch finetune/train.py recipes/demo.yaml")]
+    demo = [line for line in lines if line.startswith(SETUP) and line.endswith("domainclip train recipes/demo.yaml")]
     tests = [line for line in lines if line.startswith(SETUP) and line.endswith("&& pytest")]
     assert len(demo) == 1 and len(tests) == 1
 

@@ -285,12 +285,13 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_clip_dir, tm
         "data.num_workers=0",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517"]
+    launch = [sys.executable, "-m", "finetune.cli", "train", "--num-processes", "2", "--main-process-port", "29517"]
     proc = subprocess.run(
-        [*launch, "finetune/train.py", *common, "train.batch_size=8", f"train.output_dir={tmp_path / 'two'}", "eval.every_steps=2"],
+        [*launch, *common, "train.batch_size=8", f"train.output_dir={tmp_path / 'two'}", "eval.every_steps=2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "values were not passed" not in proc.stdout + proc.stderr  # the launcher got every setting
     assert proc.stdout.count("Trainable vision") == 1  # one main process logs
     assert proc.stdout.count("step 2: target t2i R@1") + proc.stderr.count("step 2: target t2i R@1") == 1
     assert train.main([*common, "train.batch_size=16", f"train.output_dir={tmp_path / 'one'}"]) == 0
