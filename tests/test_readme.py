@@ -35,5 +35,7 @@ def test_recipe_reference_is_current():
 
 
 def test_every_recipe_is_documented_in_readme():
-    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 3  # demo, medical, fashion at least: the loop below must check something
+    for recipe in recipes:
         assert f"recipes/{recipe.name}" in README, recipe.name
