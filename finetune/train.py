@@ -252,7 +252,10 @@ def prepare_output_dir(cfg: RecipeConfig, out: Path, accelerator: Accelerator) -
     else:
         checkpoint = Path(cfg.train.resume_from)
     if checkpoint is not None:
-        saved = TrainerState.from_json(read_trainer_state(checkpoint))
+        try:
+            saved = TrainerState.from_json(read_trainer_state(checkpoint))
+        except FileNotFoundError as exc:
+            raise ResumeError(f"train.resume_from: {exc}") from None
         check_resumable(saved, checkpoint, cfg.model_dump(mode="json"), accelerator.num_processes)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -553,3 +553,12 @@ def test_cpu_runs_use_the_cores_accelerate_launch_would_leave_idle(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_resuming_from_a_folder_that_is_not_a_complete_checkpoint_names_the_key(tiny_clip_dir, tmp_path, capsys):
+    half = tmp_path / "half-written"
+    half.mkdir()
+    code = train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, tmp_path / "r"), f"train.resume_from={half}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "train.resume_from:" in err and "is not a complete checkpoint: trainer_state.json is missing" in err
