@@ -3,9 +3,10 @@
 `results` are named rows as finetune/report.py takes them: ``{"alpha=0.5": {set: {direction: {metric}}}}``.
 The rule (recipe `export:` section): the alpha with the best target `select_metric` in
 `select_direction` whose source score stays >= `min_source_retention` x the alpha=0 (zero-shot) source
-score. Ties go to the smaller alpha (closer to the base). Without a source set every alpha qualifies.
-When none qualifies: `if_no_alpha_qualifies: error` stops with the table, `most_retention` takes the
-alpha with the best source score.
+score. alpha=0 is the reference, never a candidate: it always keeps 100% of the source but ships the
+base unchanged. Ties go to the smaller alpha (closer to the base). Without a source set every alpha
+qualifies. When no alpha > 0 qualifies: `if_no_alpha_qualifies: error` stops with the table,
+`most_retention` takes the alpha > 0 with the best source score.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def choose_alpha(
 ) -> AlphaChoice:
     if 0.0 not in alphas:
         raise ExportError("the alpha sweep must include 0 (the base model): source retention is measured against it")
+    if not any(a > 0 for a in alphas):
+        raise ExportError("the alpha sweep needs at least one alpha > 0 to choose from")
     base = results[alpha_name(0.0)]
     has_source = "source" in base
     base_source = float(base["source"][direction][metric]) if has_source else None
@@ -53,7 +56,7 @@ def choose_alpha(
             retention, qualifies = None, True
         rows.append(dict(alpha=alpha, target=target, source=source, retention=retention, qualifies=qualifies))
 
-    ok = [r for r in rows if r["qualifies"]]
+    ok = [r for r in rows if r["qualifies"] and r["alpha"] > 0]
     what = f"target {direction} {metric}"
     if ok:
         best = max(ok, key=lambda r: (r["target"], -r["alpha"]))
@@ -65,12 +68,12 @@ def choose_alpha(
     table = format_alpha_table(rows, direction, metric)
     if if_none == "error":
         raise ExportError(
-            f"no alpha in the sweep keeps source {direction} {metric} >= {min_source_retention:.0%} of zero-shot "
+            f"no alpha > 0 in the sweep keeps source {direction} {metric} >= {min_source_retention:.0%} of zero-shot "
             f"({base_source:.2f}):\n{table}\nLower export.min_source_retention, sweep smaller alphas, or set "
             "export.if_no_alpha_qualifies: most_retention."
         )
-    best = max(rows, key=lambda r: (r["source"], -r["alpha"]))
-    return AlphaChoice(best["alpha"], f"no alpha keeps {min_source_retention:.0%} of source {metric}; took the best source score", rows)
+    best = max((r for r in rows if r["alpha"] > 0), key=lambda r: (r["source"], -r["alpha"]))
+    return AlphaChoice(best["alpha"], f"no alpha > 0 keeps {min_source_retention:.0%} of source {metric}; took the best source score", rows)
 
 
 def format_alpha_table(rows: list[dict], direction: str, metric: str) -> str:

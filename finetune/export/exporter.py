@@ -29,7 +29,7 @@ from finetune.io import atomic_write_text
 from finetune.report import format_results_table, write_results
 
 FORMAT = "domainclip-export/1"
-INT8_METHOD = "torch.ao.quantization.quantize_dynamic(nn.Linear, qint8), applied at load"
+INT8_METHOD = "torch.ao.quantization.quantize_dynamic(nn.Linear, per-channel qint8), applied at load"
 
 
 def load_eval_sets(cfg) -> dict:

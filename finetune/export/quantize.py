@@ -51,9 +51,10 @@ def quantize_int8_dynamic(model: nn.Module) -> nn.Module:
     """Every nn.Linear -> dynamically quantized int8 Linear, in place (CPU inference only)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices, once per call
-        from torch.ao.quantization import quantize_dynamic
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-        return quantize_dynamic(model.float(), {nn.Linear}, dtype=torch.qint8, inplace=True)
+        # Per output channel scales: one outlier row no longer flattens a whole matrix to zero.
+        return quantize_dynamic(model.float(), {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
 
 
 def state_bytes(model: nn.Module) -> int:

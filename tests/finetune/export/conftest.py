@@ -15,13 +15,14 @@ from finetune.towers import logit_scale
 
 
 def make_run(run_dir: Path, base_dir: Path, *, train_projections: bool = False, train_logit_scale: bool = False,
-             eval_images: int = 24, export: dict | None = None) -> Path:
+             eval_images: int = 24, export: dict | None = None, target_domain: str = "target",
+             lora_scale: float = 0.3) -> Path:
     cfg = validate_config({
         "model": {"name_or_path": str(base_dir), "train_projections": train_projections, "train_logit_scale": train_logit_scale},
         "data": {
             "train": {"synthetic": {"domain": "target", "num_images": 8}},
             "eval": {
-                "target": {"synthetic": {"domain": "target", "num_images": eval_images, "seed": 1}},
+                "target": {"synthetic": {"domain": target_domain, "num_images": eval_images, "seed": 1}},
                 "source": {"synthetic": {"domain": "source", "num_images": eval_images, "seed": 1}},
             },
         },
@@ -31,14 +32,15 @@ def make_run(run_dir: Path, base_dir: Path, *, train_projections: bool = False, 
     model, processor = load_model(str(base_dir))
     from finetune.train import tower_lora
 
+    torch.manual_seed(0)  # lora_A's init: the same run folder every time
     peft_model = add_lora(model, tower_lora(cfg.lora.vision), tower_lora(cfg.lora.text), train_projections, train_logit_scale)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+                param.copy_(torch.randn(param.shape, generator=g) * lora_scale)
             elif param.requires_grad and "modules_to_save" in name:
-                param.add_(torch.randn(param.shape, generator=g) * 0.3)
+                param.add_(torch.randn(param.shape, generator=g) * lora_scale)
         if train_logit_scale:
             logit_scale(peft_model).add_(0.7)
     adapter = run_dir / "adapter"
@@ -54,3 +56,6 @@ def make_run(run_dir: Path, base_dir: Path, *, train_projections: bool = False, 
 @pytest.fixture
 def run_dir(tmp_path, tiny_clip_dir) -> Path:
     return make_run(tmp_path / "run", tiny_clip_dir)
+
+
+DEMO_BASE = Path(__file__).resolve().parents[3] / "recipes" / "assets" / "demo-clip"
