@@ -251,11 +251,18 @@ class ExportConfig(Section):
     )
     if_no_alpha_qualifies: Literal["error", "most_retention"] = Field(
         default="error",
-        description="No swept alpha keeps the source: stop with the table (error) or take the alpha with the best source score.",
+        description="No swept alpha > 0 keeps the source: stop with the table (error) or take the alpha > 0 with the best source score.",
     )
     max_r1_drop: float = Field(
         default=0.5, ge=0, description="Quality gate: largest target R@1 drop (points, either direction) a quantized export may show."
     )
+
+    @field_validator("alpha_sweep")
+    @classmethod
+    def sweep_has_base_and_a_candidate(cls, value: list[float]) -> list[float]:
+        if 0.0 not in value or not any(a > 0 for a in value) or any(a < 0 for a in value):
+            raise ValueError(f"needs 0 (the base, the retention reference), at least one alpha > 0 and none < 0, got {value}")
+        return value
 
     @field_validator("select_metric")
     @classmethod

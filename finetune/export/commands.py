@@ -122,7 +122,7 @@ def index_main(argv=None) -> int:
             print(
                 f"{kind}: {entry['vectors']} vectors x {entry['dim']} -> {entry['factory']} {entry['search_params'] or ''} "
                 f"recall@10 {entry['recall_at_10']:.3f} (target {entry['target_recall']}), "
-                f"latency p50 {entry['latency_ms']['p50']:.2f} ms / p99 {entry['latency_ms']['p99']:.2f} ms at batch 1, "
+                f"latency p50 {entry['latency_ms']['p50']:.3f} ms / p99 {entry['latency_ms']['p99']:.3f} ms at batch 1, "
                 f"built in {entry['build_seconds']:.1f} s"
             )
         print(f"Index: {args.out}")
