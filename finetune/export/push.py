@@ -16,9 +16,10 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from finetune.config import load_resolved_config
+from finetune.config import load_resolved_config, looks_like_local_path
 from finetune.export.merge import MANIFEST, ExportError
 
+DRY_RUN_FOLDER = "hub-upload"  # --dry-run's default folder inside RUN_OR_EXPORT_DIR; never uploaded itself
 DIRECTION_NAMES = {"t2i": "text-to-image retrieval", "i2t": "image-to-text retrieval"}
 
 
@@ -70,7 +71,8 @@ def build_card(path: Path, repo_id: str) -> ModelCard:
                     ))
     data = ModelCardData(
         model_name=repo_id.split("/")[-1],
-        base_model=cfg.model.name_or_path,
+        # The Hub checks base_model against its repos: a local folder is named in the card's text only.
+        base_model=None if looks_like_local_path(cfg.model.name_or_path) else cfg.model.name_or_path,
         library_name="peft" if kind == "run" else "transformers",
         tags=["clip", "domainclip", "lora", "image-text-retrieval"],
         pipeline_tag="zero-shot-image-classification",
@@ -111,7 +113,7 @@ def stage(path: str | Path, repo_id: str, out: str | Path) -> list[str]:
         shutil.copy2(path / "config.yaml", out / "config.yaml")
     else:
         for item in path.iterdir():
-            if item.name.startswith(".") or item.resolve() == out.resolve():
+            if item.name.startswith(".") or item.name == DRY_RUN_FOLDER or item.resolve() == out.resolve():
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
     if (path / "eval").is_dir():
@@ -124,7 +126,7 @@ def push(path, repo_id: str, *, private: bool = False, dry_run: bool = False, st
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ExportError(f"--repo: expected user/name, got {repo_id!r}")
     if dry_run:
-        folder = Path(staging) if staging else Path(path) / "hub-upload"
+        folder = Path(staging) if staging else Path(path) / DRY_RUN_FOLDER
         files = stage(path, repo_id, folder)
         return {"folder": str(folder), "files": files, "url": None}
     with tempfile.TemporaryDirectory(prefix="domainclip-push-") as tmp:

@@ -27,7 +27,8 @@ def test_alpha_sweep_writes_table_curve_and_picks_by_the_rule(tmp_path, tiny_cli
     manifest = json.loads((out / "manifest.json").read_text())
     rows = manifest["alpha_rule"]["rows"]
     assert [r["alpha"] for r in rows] == [0.0, 0.5, 1.0]
-    best = max(rows, key=lambda r: (r["target"], -r["alpha"]))  # every alpha qualifies at retention 0
+    # every alpha qualifies at retention 0; alpha=0 (the base) is the reference, never the pick
+    best = max((r for r in rows if r["alpha"] > 0), key=lambda r: (r["target"], -r["alpha"]))
     assert manifest["alpha"] == best["alpha"]
     sweep = json.loads((out / "alpha_sweep" / "results.json").read_text())
     assert set(sweep) == {"alpha=0", "alpha=0.5", "alpha=1"}
