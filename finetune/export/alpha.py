@@ -86,7 +86,7 @@ def format_alpha_table(rows: list[dict], direction: str, metric: str) -> str:
     return "\n".join(lines)
 
 
-def save_alpha_curve(rows: list[dict], chosen: float, direction: str, metric: str, path) -> None:
+def save_alpha_curve(rows: list[dict], chosen: float, direction: str, metric: str, path, min_source_retention: float | None = None) -> None:
     """PNG: target gain over alpha=0 (y) against source retention (x), one labelled point per alpha."""
     import matplotlib
 
@@ -99,6 +99,8 @@ def save_alpha_curve(rows: list[dict], chosen: float, direction: str, metric: st
     xs = [100 * r["retention"] if has_source else r["alpha"] for r in rows]
     ys = [r["target"] - base_target for r in rows]
     ax.plot(xs, ys, "-o", color="#1f77b4")
+    if has_source and min_source_retention is not None:
+        ax.axvline(100 * min_source_retention, ls="--", color="#9e9e9e", label=f"rule: source >= {min_source_retention:.0%}")
     for x, y, r in zip(xs, ys, rows):
         ax.annotate(f"α={r['alpha']:g}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
         if r["alpha"] == chosen:

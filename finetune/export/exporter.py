@@ -167,7 +167,10 @@ def write_export_reports(out: Path, run_dir, results: dict, sweep: dict | None, 
             folder / "alpha_table.md",
             format_alpha_table(choice.rows, ex.select_direction, ex.select_metric) + f"\n\nChosen alpha={choice.alpha:g}: {choice.reason}\n",
         )
-        save_alpha_curve(choice.rows, choice.alpha, ex.select_direction, ex.select_metric, folder / "alpha_curve.png")
+        save_alpha_curve(
+            choice.rows, choice.alpha, ex.select_direction, ex.select_metric, folder / "alpha_curve.png",
+            min_source_retention=ex.min_source_retention,
+        )
 
 
 def measure_throughput(models: dict, processor, rset, max_len: int, n: int = 256) -> dict:

@@ -123,3 +123,31 @@ def test_search_refuses_an_index_built_with_another_model(indexed, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ExportError, match="does not match export .*model hash"):
         Searcher(copy)
+
+
+@pytest.mark.slow
+def test_two_processes_index_the_same_vectors_as_one(indexed, tmp_path):
+    """`accelerate launch` the same script: each process embeds a shard, the main one builds the index."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[3]
+    corpus = '{synthetic: {domain: target, num_images: 40, captions_per_image: 2, seed: 4}}'
+    subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+         str(root / "scripts" / "index.py"), str(indexed / "export"), "--corpus", corpus, "--out", str(tmp_path / "index"),
+         "--modality", "both"],
+        check=True, cwd=root, timeout=300,
+    )
+    for kind in ("image", "text"):
+        one = faiss.read_index(str(indexed / "index" / f"{kind}.faiss"))
+        two = faiss.read_index(str(tmp_path / "index" / f"{kind}.faiss"))
+        np.testing.assert_allclose(one.reconstruct_n(0, one.ntotal), two.reconstruct_n(0, two.ntotal), atol=1e-5)
+        pd.testing.assert_frame_equal(pd.read_parquet(indexed / "index" / f"{kind}_ids.parquet"),
+                                      pd.read_parquet(tmp_path / "index" / f"{kind}_ids.parquet"))
