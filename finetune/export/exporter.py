@@ -137,8 +137,8 @@ def export_run(
             "state_bytes": {"fp32": state_bytes(merged), dtype: state_bytes(candidate)},
             "threads": torch.get_num_threads(),
         }
-        log(f"Quality gate passed: {dtype} target R@1 drop " + ", ".join(f"{d} {v:+.2f}" for d, v in drops.items())
-            + f" (limit {ex.max_r1_drop})")
+        log(f"Quality gate passed: {dtype} vs fp32 target R@1 " + ", ".join(f"{d} {-v:+.2f}" for d, v in drops.items())
+            + f" points (largest drop allowed: {ex.max_r1_drop})")
         if dtype != "int8":
             to_save = candidate  # fp16 / bf16 are saved in their dtype; int8 is quantized at load
     manifest["results"] = results
