@@ -3,6 +3,10 @@
     domainclip train recipes/demo.yaml [key.sub=value ...]                    one process, in this process
     domainclip train recipes/medical.yaml --num-processes 8 [key.sub=value ...] hands off to Accelerate's launcher
     domainclip validate recipes/medical.yaml [key.sub=value ...]                check a recipe, print it resolved
+    domainclip export RUN_DIR --out EXPORT_DIR [--alpha A | --alpha-sweep 0,0.5,1] [--dtype fp32|fp16|bf16|int8]
+    domainclip index EXPORT_DIR --corpus SPEC --out INDEX_DIR [--modality image|text|both] [--memory-budget 2GB]
+    domainclip search INDEX_DIR --text "..." | --image PATH [--text "..." --weight 0.5] [-k 10] [--json]
+    domainclip push RUN_OR_EXPORT_DIR --repo user/name [--private] [--dry-run]
 
 `train` validates the recipe once, before any process starts, so a bad recipe gets one clean error. With
 `--num-processes N` (N > 1) it runs `accelerate launch` with every launcher setting spelled out (on a
@@ -39,7 +43,19 @@ def launch_command(recipe: str, overrides: list[str], num_processes: int, mixed_
     return [*command, str(TRAIN_SCRIPT), recipe, *overrides]
 
 
+def _export_commands() -> dict:
+    from finetune.export import commands
+
+    return {"export": commands.export_main, "index": commands.index_main, "search": commands.search_main, "push": commands.push_main}
+
+
+EXPORT_COMMANDS = ("export", "index", "search", "push")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in EXPORT_COMMANDS:  # each parses its own options (finetune/export/commands.py)
+        return _export_commands()[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(prog="domainclip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="adapt a checkpoint with a recipe")
@@ -50,6 +66,11 @@ def main(argv=None) -> int:
     validate = sub.add_parser("validate", help="check a recipe without running it")
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*")
+    for name, text in (("export", "merge a run (alpha, dtype + quality gate) into a plain HF folder"),
+                       ("index", "embed a corpus with an export and build a tuned FAISS index"),
+                       ("search", "query an index by text, image or both"),
+                       ("push", "upload a run or export with a model card (or --dry-run)")):
+        sub.add_parser(name, help=f"{text}; `domainclip {name} --help`", add_help=False)
     # Overrides may come before or after the options: `train recipe --num-processes 2 a.b=1` too.
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-")]

@@ -233,6 +233,45 @@ class EvalConfig(Section):
     zero_shot: bool = Field(default=True, description="Measure the unadapted model first (the baseline).")
 
 
+class ExportConfig(Section):
+    """How `domainclip export` picks the adapter scale and when a quantized export is refused."""
+
+    alpha: float = Field(
+        default=1.0, ge=0, description="Adapter scale merged by `export` without --alpha: W = W0 + alpha * BA (0 = base, 1 = adapted)."
+    )
+    alpha_sweep: list[float] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1,
+        description="Alphas `export --alpha-sweep` evaluates when given no list of its own.",
+    )
+    select_direction: Literal["t2i", "i2t"] = Field(default="t2i", description="Retrieval direction the alpha rule reads.")
+    select_metric: str = Field(default="R@1", description="Recall the alpha rule maximises on the target set (R@K, K in eval.ks).")
+    min_source_retention: float = Field(
+        default=0.95, ge=0, le=1,
+        description="Alpha rule: keep source select_metric >= this fraction of alpha=0's (zero-shot); ignored without data.eval.source.",
+    )
+    if_no_alpha_qualifies: Literal["error", "most_retention"] = Field(
+        default="error",
+        description="No swept alpha > 0 keeps the source: stop with the table (error) or take the alpha > 0 with the best source score.",
+    )
+    max_r1_drop: float = Field(
+        default=0.5, ge=0, description="Quality gate: largest target R@1 drop (points, either direction) a quantized export may show."
+    )
+
+    @field_validator("alpha_sweep")
+    @classmethod
+    def sweep_has_base_and_a_candidate(cls, value: list[float]) -> list[float]:
+        if 0.0 not in value or not any(a > 0 for a in value) or any(a < 0 for a in value):
+            raise ValueError(f"needs 0 (the base, the retention reference), at least one alpha > 0 and none < 0, got {value}")
+        return value
+
+    @field_validator("select_metric")
+    @classmethod
+    def recall_metric(cls, value: str) -> str:
+        if not value.startswith("R@") or not value[2:].isdigit():
+            raise ValueError(f"must be a recall like R@1, got {value!r}")
+        return value
+
+
 class RecipeConfig(Section):
     model: ModelConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -243,11 +282,19 @@ class RecipeConfig(Section):
     # reports that as `train: ...` next to every other problem instead of aborting the whole recipe.
     train: TrainConfig = Field(default_factory=dict)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="after")
     def some_tower_trains(self) -> "RecipeConfig":
         if not (self.lora.vision.enabled or self.lora.text.enabled):
             raise ValueError("lora.vision.enabled and lora.text.enabled are both false: nothing would be adapted")
+        return self
+
+    @model_validator(mode="after")
+    def export_metric_is_measured(self) -> "RecipeConfig":
+        k = int(self.export.select_metric[2:])
+        if k not in self.eval.ks:
+            raise ValueError(f"export.select_metric: {self.export.select_metric} is not measured; eval.ks is {self.eval.ks}")
         return self
 
     @model_validator(mode="after")

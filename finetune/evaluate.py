@@ -75,7 +75,8 @@ def embed_retrieval_set(
     name: str = "eval",
     desc: str | None = None,
 ) -> dict:
-    """Returns image_emb (N_img, D), text_emb (N_txt, D), text_to_image (N_txt,), corrupt_images (int).
+    """Returns image_emb (N_img, D), text_emb (N_txt, D), text_to_image (N_txt,), corrupt_images (int),
+    image_valid (N_img,) bool: rows of image_emb are the readable images in set order.
 
     Images PIL cannot read are dropped together with their captions and counted. With several
     processes, call it on every process with the same set: the gathers are collective.
@@ -140,6 +141,7 @@ def embed_retrieval_set(
         "text_emb": distinct_emb[text_rows],  # (N_kept_txt, D)
         "text_to_image": torch.from_numpy(new_index[rset.text_to_image[keep_text]].astype(np.int64)),
         "corrupt_images": corrupt,
+        "image_valid": torch.from_numpy(valid_mask),  # (N_img,) which unique images were readable
     }
 
 

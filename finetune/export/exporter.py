@@ -1,0 +1,204 @@
+"""`domainclip export`: run folder -> merged (optionally quantized) Hugging Face folder a service can load.
+
+    run -> load adapted -> [alpha sweep: evaluate each alpha, pick by the recipe's export: rule]
+        -> merge at alpha -> evaluate fp32 -> [quantize -> evaluate -> quality gate -> throughput side by side]
+        -> EXPORT_DIR (model.safetensors, processor, config.yaml, manifest.json, eval/)
+
+`load_export(EXPORT_DIR)` gives the model back as the manifest says (int8 quantized at load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from finetune.export.alpha import alpha_name, choose_alpha, format_alpha_table, save_alpha_curve
+from finetune.export.merge import ExportError, load_run_for_export, merge_at_alpha, read_manifest, save_export
+from finetune.export.quantize import (
+    embedding_throughput,
+    quality_gate,
+    quantize,
+    quantize_int8_dynamic,
+    state_bytes,
+)
+from finetune.io import atomic_write_text
+from finetune.report import format_results_table, write_results
+
+FORMAT = "domainclip-export/1"
+INT8_METHOD = "torch.ao.quantization.quantize_dynamic(nn.Linear, per-channel qint8), applied at load"
+
+
+def load_eval_sets(cfg) -> dict:
+    """The run's eval sets (target, and source when the recipe has one), as RetrievalSets."""
+    from data_tools.loading import RetrievalSet, load_image_text_dataset
+    from finetune.train import dataset_arguments
+
+    specs = {"target": cfg.data.eval.target}
+    if cfg.data.eval.source is not None:
+        specs["source"] = cfg.data.eval.source
+    return {
+        name: RetrievalSet.from_pairs(load_image_text_dataset(key=f"data.eval.{name}", **dataset_arguments(spec)))
+        for name, spec in specs.items()
+    }
+
+
+def text_limit(cfg, model) -> int:
+    from finetune.towers import model_layout
+
+    return cfg.data.max_text_length or model_layout(model).text_position_limit
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    alpha: float | None = None,
+    alpha_sweep: list[float] | None = None,
+    dtype: str = "fp32",
+    log=print,
+) -> dict:
+    """Export a finished run; returns the manifest. Raises ExportError / QualityGateError (nothing written)."""
+    from finetune.evaluate import evaluate_retrieval
+
+    if alpha is not None and alpha_sweep is not None:
+        raise ExportError("give --alpha or --alpha-sweep, not both")
+    started = time.perf_counter()
+    peft_model, processor, cfg, base_scale = load_run_for_export(run_dir)
+    ex = cfg.export
+    eval_sets = load_eval_sets(cfg)
+    max_len = text_limit(cfg, peft_model)
+
+    def evaluate(model, sets, desc):
+        results, _ = evaluate_retrieval(
+            model, processor, sets, batch_size=cfg.eval.batch_size, max_text_length=max_len, ks=tuple(cfg.eval.ks), desc=desc
+        )
+        return results
+
+    sweep = None
+    if alpha_sweep is not None:
+        alphas = sorted(set(float(a) for a in alpha_sweep))
+        sweep_results = {}
+        for a in alphas:
+            sweep_results[alpha_name(a)] = evaluate(merge_at_alpha(peft_model, a, base_logit_scale=base_scale), eval_sets, alpha_name(a))
+        choice = choose_alpha(
+            sweep_results, alphas, direction=ex.select_direction, metric=ex.select_metric,
+            min_source_retention=ex.min_source_retention, if_none=ex.if_no_alpha_qualifies,
+        )
+        alpha = choice.alpha
+        sweep = dict(results=sweep_results, choice=choice)
+        log(format_alpha_table(choice.rows, ex.select_direction, ex.select_metric))
+        log(f"Chosen alpha={alpha:g}: {choice.reason}")
+    elif alpha is None:
+        alpha = ex.alpha
+
+    merged = merge_at_alpha(peft_model, alpha, base_logit_scale=base_scale)
+    fp32_results = sweep["results"][alpha_name(alpha)] if sweep else evaluate(merged, eval_sets, "merged fp32")
+    results = {"fp32": fp32_results}
+    manifest = {
+        "format": FORMAT,
+        "run_dir": str(Path(run_dir).resolve()),
+        "base_model": cfg.model.name_or_path,
+        "base_revision": cfg.model.revision,
+        "alpha": alpha,
+        "dtype": dtype,
+        "architecture": type(merged.config).__name__,
+        "max_text_length": max_len,
+    }
+    if sweep:
+        manifest["alpha_rule"] = {
+            "direction": ex.select_direction, "metric": ex.select_metric, "min_source_retention": ex.min_source_retention,
+            "if_no_alpha_qualifies": ex.if_no_alpha_qualifies, "reason": sweep["choice"].reason, "rows": sweep["choice"].rows,
+        }
+
+    to_save = merged
+    if dtype != "fp32":
+        candidate = quantize(merged, dtype)
+        results[dtype] = evaluate(candidate, {"target": eval_sets["target"]}, dtype)
+        drops = quality_gate(fp32_results, results[dtype], dtype=dtype, max_r1_drop=ex.max_r1_drop)
+        speed = measure_throughput({"fp32": merged, dtype: candidate}, processor, eval_sets["target"], max_len)
+        manifest["quantization"] = {
+            "method": INT8_METHOD if dtype == "int8" else f"weights cast to {dtype}",
+            "max_r1_drop": ex.max_r1_drop,
+            "r1_drop_points": drops,
+            "r_at_k_delta_points": {
+                d: {m: float(results[dtype]["target"][d][m]) - float(fp32_results["target"][d][m])
+                    for m in fp32_results["target"][d] if m.startswith("R@")}
+                for d in fp32_results["target"]
+            },
+            "throughput": speed,
+            "throughput_ratio_vs_fp32": {
+                "images": speed[dtype]["images_per_s"] / speed["fp32"]["images_per_s"],
+                "captions": speed[dtype]["captions_per_s"] / speed["fp32"]["captions_per_s"],
+            },
+            "state_bytes": {"fp32": state_bytes(merged), dtype: state_bytes(candidate)},
+            "threads": torch.get_num_threads(),
+        }
+        log(f"Quality gate passed: {dtype} vs fp32 target R@1 " + ", ".join(f"{d} {-v:+.2f}" for d, v in drops.items())
+            + f" points (largest drop allowed: {ex.max_r1_drop})")
+        if dtype != "int8":
+            to_save = candidate  # fp16 / bf16 are saved in their dtype; int8 is quantized at load
+    manifest["results"] = results
+    manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+
+    out = save_export(to_save, processor, cfg, out_dir, manifest)
+    write_export_reports(out, run_dir, results, sweep, ex)
+    manifest = read_manifest(out)
+    log(f"Export: {out}  ({manifest['size_on_disk_bytes'] / 1e6:.2f} MB model.safetensors, alpha={alpha:g}, {dtype})")
+    return manifest
+
+
+def write_export_reports(out: Path, run_dir, results: dict, sweep: dict | None, ex) -> None:
+    """eval/ (zero-shot of the run, the merged fp32 model, the quantized one) and alpha_sweep/ when swept."""
+    rows = {}
+    zero_shot = Path(run_dir) / "eval" / "zero_shot.json"
+    if zero_shot.is_file():
+        rows["zero_shot"] = json.loads(zero_shot.read_text())
+    rows.update(results)
+    write_results(rows, out / "eval", baseline="zero_shot" if "zero_shot" in rows else "fp32")
+    if sweep:
+        folder = out / "alpha_sweep"
+        write_results(sweep["results"], folder, baseline=alpha_name(0.0))
+        choice = sweep["choice"]
+        atomic_write_text(
+            folder / "alpha_table.md",
+            format_alpha_table(choice.rows, ex.select_direction, ex.select_metric) + f"\n\nChosen alpha={choice.alpha:g}: {choice.reason}\n",
+        )
+        save_alpha_curve(
+            choice.rows, choice.alpha, ex.select_direction, ex.select_metric, folder / "alpha_curve.png",
+            min_source_retention=ex.min_source_retention,
+        )
+
+
+def measure_throughput(models: dict, processor, rset, max_len: int, n: int = 256) -> dict:
+    """Embedding throughput of each model on the same batch of target images and captions, side by side."""
+    from data_tools.loading import decode_image
+    from finetune.collate import encode_captions, preprocess_images
+
+    images = [decode_image(rset.images[i]) for i in range(min(n, rset.num_images))]
+    pixels = preprocess_images(processor, [im for im in images if im is not None])
+    tokens = encode_captions(processor, rset.captions[:n], max_len)
+    speed = embedding_throughput(models, pixels, tokens["input_ids"], tokens["attention_mask"])
+    return {name: {k: round(v, 1) for k, v in row.items()} for name, row in speed.items()}
+
+
+def load_export(export_dir: str | os.PathLike):
+    """(model in eval mode, processor, manifest) of an export folder, in the dtype its manifest names."""
+    from finetune.model import load_model
+
+    manifest = read_manifest(export_dir)
+    if manifest.get("format") != FORMAT:
+        raise ExportError(f"{export_dir}/manifest.json: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    model, processor = load_model(str(export_dir))
+    model.eval()
+    if manifest["dtype"] == "int8":
+        model = quantize_int8_dynamic(model)
+    return model, processor, manifest
+
+
+def format_export_summary(manifest: dict) -> str:
+    """The results table of an export (fp32 and the quantized rows)."""
+    return format_results_table(manifest["results"], baseline="fp32")

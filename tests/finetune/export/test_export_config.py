@@ -1,0 +1,34 @@
+"""The recipe's export: section: defaults, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune.config import ConfigError, validate_config
+
+BASE = {
+    "model": {"name_or_path": "openai/clip-vit-base-patch16"},
+    "data": {"train": {"synthetic": {"domain": "target", "num_images": 8}},
+             "eval": {"target": {"synthetic": {"domain": "target", "num_images": 8}}}},
+    "train": {"max_steps": 1},
+}
+
+
+def test_export_defaults():
+    ex = validate_config(BASE).export
+    assert (ex.alpha, ex.alpha_sweep, ex.min_source_retention, ex.max_r1_drop) == (1.0, [0.0, 0.25, 0.5, 0.75, 1.0], 0.95, 0.5)
+    assert (ex.select_direction, ex.select_metric, ex.if_no_alpha_qualifies) == ("t2i", "R@1", "error")
+
+
+@pytest.mark.parametrize("export,message", [
+    ({"alpha_sweep": [0.5, 1.0]}, "export.alpha_sweep: needs 0 (the base, the retention reference)"),
+    ({"select_metric": "R@3"}, "export.select_metric: R@3 is not measured; eval.ks is [1, 5, 10]"),
+    ({"select_metric": "mean_rank"}, "export.select_metric: must be a recall like R@1"),
+    ({"max_r1_drop": -1}, "export.max_r1_drop: Input should be greater than or equal to 0"),
+    ({"min_source_retention": 1.5}, "export.min_source_retention: Input should be less than or equal to 1"),
+    ({"alpah": 0.5}, "export.alpah: unknown key; did you mean 'export.alpha'?"),
+])
+def test_export_errors_name_the_key(export, message):
+    with pytest.raises(ConfigError) as err:
+        validate_config({**BASE, "export": export})
+    assert message in str(err.value)
