@@ -10,6 +10,9 @@ with one row per (image, caption) pair:
     source_row   int64, the row of the loaded split (after max_samples) the pair came from
     image_id     str, the image_id_column's value, or the source row as a string
     label        str, only when a label column is configured
+    caption_choices  list[str], only for a label-only set (caption_column null + caption_templates):
+                 the label written into every template; `caption` holds one of them, and training
+                 draws a fresh one per sample per epoch (data_tools/templates.py)
 
 `source_row` and `image_id` are stable: mining, indexing and search point back at the source with
 them, while `image_index` only numbers the images of this one load.
@@ -124,6 +127,9 @@ def load_image_text_dataset(
     label_column: str | None = None,
     max_samples: int | None = None,
     synthetic: dict | None = None,
+    caption_templates: list[str] | None = None,
+    label_names: dict[str, str] | None = None,
+    template_seed: int = 0,
 ) -> datasets.Dataset:
     """Load one split into the normal form above. `key` is the recipe key, quoted in every error.
 
@@ -135,6 +141,8 @@ def load_image_text_dataset(
         return _normalize(
             raw, key=key, where=where, image_column=image_column, caption_column=caption_column,
             image_id_column=image_id_column, label_column=label_column, max_samples=max_samples,
+            caption_templates=caption_templates if caption_column is None else None, label_names=label_names,
+            template_seed=template_seed,
         )
 
 
@@ -172,7 +180,12 @@ def _normalize(
     image_id_column: str | None,
     label_column: str | None,
     max_samples: int | None,
+    caption_templates: list[str] | None = None,
+    label_names: dict[str, str] | None = None,
+    template_seed: int = 0,
 ) -> datasets.Dataset:
+    from data_tools.templates import label_captions, pick_template
+
     columns = {
         f"{key}.image_column": image_column,
         f"{key}.caption_column": caption_column,
@@ -188,6 +201,8 @@ def _normalize(
     if isinstance(raw.features[image_column], datasets.Image):
         raw = raw.cast_column(image_column, datasets.Image(decode=False))
 
+    if caption_column is None and not (caption_templates and label_column):
+        raise DataLoadError(f"{key}.caption_column is null: a label-only set needs {key}.caption_templates and {key}.label_column")
     keep = [c for c in (image_column, caption_column, image_id_column, label_column) if c]
     raw = raw.select_columns(list(dict.fromkeys(keep)))
     # The id a user can look up in the source: the configured column, else the row itself.
@@ -201,9 +216,16 @@ def _normalize(
         out = {"image": [], "caption": [], "image_index": [], "source_row": [], "image_id": []}
         if label_column:
             out["label"] = []
+        if caption_column is None:
+            out["caption_choices"] = []
         for row, i in enumerate(indices):
-            captions = batch[caption_column][row]
-            captions = [captions] if isinstance(captions, str) else list(captions or [])
+            if caption_column is None:  # label-only: one caption per image, drawn from the templates
+                choices = label_captions(str(batch[label_column][row]), caption_templates, label_names)
+                captions = [choices[pick_template(template_seed, 0, int(i), len(choices))]]
+                out["caption_choices"].append(choices)
+            else:
+                captions = batch[caption_column][row]
+                captions = [captions] if isinstance(captions, str) else list(captions or [])
             for caption in captions:
                 if not isinstance(caption, str) or not caption.strip():
                     continue
@@ -225,6 +247,8 @@ def _normalize(
     }
     if label_column:
         features["label"] = datasets.Value("string")
+    if caption_column is None:
+        features["caption_choices"] = datasets.List(datasets.Value("string"))
     normal = raw.map(
         explode,
         batched=True,
