@@ -130,8 +130,12 @@ def load_image_text_dataset(
     caption_templates: list[str] | None = None,
     label_names: dict[str, str] | None = None,
     template_seed: int = 0,
+    report: dict | None = None,
 ) -> datasets.Dataset:
     """Load one split into the normal form above. `key` is the recipe key, quoted in every error.
+
+    `report`, when given, receives what normalisation drops: ``empty_captions`` (count) and
+    ``empty_caption_rows`` (the first 5 source rows with an empty or missing caption).
 
     datasets' progress bars and info lines are silenced unless the split comes from the Hub.
     """
@@ -142,7 +146,7 @@ def load_image_text_dataset(
             raw, key=key, where=where, image_column=image_column, caption_column=caption_column,
             image_id_column=image_id_column, label_column=label_column, max_samples=max_samples,
             caption_templates=caption_templates if caption_column is None else None, label_names=label_names,
-            template_seed=template_seed,
+            template_seed=template_seed, report=report,
         )
 
 
@@ -183,6 +187,7 @@ def _normalize(
     caption_templates: list[str] | None = None,
     label_names: dict[str, str] | None = None,
     template_seed: int = 0,
+    report: dict | None = None,
 ) -> datasets.Dataset:
     from data_tools.templates import label_captions, pick_template
 
@@ -249,6 +254,12 @@ def _normalize(
         features["label"] = datasets.Value("string")
     if caption_column is None:
         features["caption_choices"] = datasets.List(datasets.Value("string"))
+    if report is not None and caption_column is not None:
+        empty = [
+            i for i, c in enumerate(raw[caption_column])
+            if not (isinstance(c, str) and c.strip()) and not (isinstance(c, list) and any(isinstance(x, str) and x.strip() for x in c))
+        ]
+        report["empty_captions"], report["empty_caption_rows"] = len(empty), empty[:5]
     normal = raw.map(
         explode,
         batched=True,

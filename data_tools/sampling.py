@@ -22,6 +22,7 @@ steps per epoch derived from it) follows `sampler.epoch`.
 from __future__ import annotations
 
 import abc
+import math
 
 import torch
 from torch.utils.data import Sampler
@@ -87,6 +88,20 @@ def class_counts(labels: list[str]) -> dict[str, int]:
     for label in labels:
         counts[label] = counts.get(label, 0) + 1
     return counts
+
+
+def frequency_groups(counts: dict[str, int], head_fraction: float = 1 / 3, tail_fraction: float = 1 / 3) -> dict[str, str]:
+    """{class: "head" | "medium" | "tail"} by frequency rank: the most frequent ceil(C * head_fraction)
+    classes are head, the least frequent ceil(C * tail_fraction) tail, the rest medium (ties in count
+    broken by name). With fewer than 3 classes every class is "head" and "tail" is empty.
+    """
+    ranked = sorted(counts, key=lambda c: (-counts[c], c))
+    n = len(ranked)
+    if n < 3:
+        return {c: "head" for c in ranked}
+    n_head, n_tail = math.ceil(n * head_fraction), math.ceil(n * tail_fraction)
+    n_tail = min(n_tail, n - n_head)
+    return {c: "head" if i < n_head else ("tail" if i >= n - n_tail else "medium") for i, c in enumerate(ranked)}
 
 
 def class_power_row_weights(labels: list[str], power: float) -> torch.Tensor:

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_tools.sampling import frequency_groups  # noqa: F401  (head / medium / tail; re-exported)
+
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "QueryRanks",
@@ -480,20 +482,6 @@ def class_retrieval_metrics(
             kk = min(k, n - 1)
             out[f"i2i_P@{k}"] = float(100.0 * same[:, :kk].double().mean())
     return out
-
-
-def frequency_groups(counts: dict[str, int], head_fraction: float = 1 / 3, tail_fraction: float = 1 / 3) -> dict[str, str]:
-    """{class: "head" | "medium" | "tail"} by frequency rank: the most frequent ceil(C * head_fraction)
-    classes are head, the least frequent ceil(C * tail_fraction) tail, the rest medium (ties in count
-    broken by name). With fewer than 3 classes every class is "head" and "tail" is empty.
-    """
-    ranked = sorted(counts, key=lambda c: (-counts[c], c))
-    n = len(ranked)
-    if n < 3:
-        return {c: "head" for c in ranked}
-    n_head, n_tail = math.ceil(n * head_fraction), math.ceil(n * tail_fraction)
-    n_tail = min(n_tail, n - n_head)
-    return {c: "head" if i < n_head else ("tail" if i >= n - n_tail else "medium") for i, c in enumerate(ranked)}
 
 
 def per_class_t2i_recall(t2i: QueryRanks, caption_class: torch.Tensor, n_classes: int, k: int = 1) -> list[float | None]:
