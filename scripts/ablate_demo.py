@@ -3,7 +3,7 @@
     python scripts/ablate_demo.py                         # both studies, runs under runs/ablate/
     python scripts/ablate_demo.py --study replay          # replay 0 / 10 / 25% of source-domain data
     python scripts/ablate_demo.py --study longtail        # uniform / class-balanced / square-root x class weights
-    python scripts/ablate_demo.py --out runs/ablate2 --steps 200
+    python scripts/ablate_demo.py --out runs/ablate2 --steps 100 --set train.batch_size=64   # a cheaper study
 
 Every variant is `finetune/train.py recipes/demo.yaml` with the same steps, seed and eval sets, plus
 its overrides (printed). A variant whose folder already holds eval/results.json is read, not re-run,
@@ -44,11 +44,11 @@ STUDIES = {
 }
 
 
-def run_variant(name: str, out: Path, steps: int, recipe: str) -> dict:
+def run_variant(name: str, out: Path, steps: int, recipe: str, extra: list[str] = ()) -> dict:
     folder = out / name
     results = folder / "eval" / "results.json"
     if not results.is_file():
-        overrides = [*VARIANTS[name], f"train.output_dir={folder}", f"train.max_steps={steps}", "train.checkpoint_every_steps=null"]
+        overrides = [*VARIANTS[name], *extra, f"train.output_dir={folder}", f"train.max_steps={steps}", "train.checkpoint_every_steps=null"]
         if (folder / "checkpoints").is_dir():
             overrides.append("train.resume_from=latest")
         command = [sys.executable, str(ROOT / "finetune" / "train.py"), recipe, *overrides]
@@ -145,17 +145,19 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/ablate")
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps of every variant (the demo: 400)")
     parser.add_argument("--recipe", default="recipes/demo.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every variant")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = dict.fromkeys(n for s in (["replay", "longtail"] if args.study == "both" else [args.study]) for n in STUDIES[s])
-    runs = {name: run_variant(name, out, args.steps, args.recipe) for name in names}
+    runs = {name: run_variant(name, out, args.steps, args.recipe, args.set) for name in names}
     tables = {}
     if args.study in ("replay", "both"):
         tables["replay (text->image R@1, same steps)"] = replay_rows(runs)
     if args.study in ("longtail", "both"):
         tables["long tail (target)"] = longtail_rows(runs)
-    text = f"# Demo ablations ({args.steps} steps each)\n\n" + "\n\n".join(f"## {t}\n\n{markdown(r)}" for t, r in tables.items()) + "\n"
+    settings = ", ".join([f"{args.steps} steps", *args.set])
+    text = f"# Demo ablations ({settings}; every variant the same)\n\n" + "\n\n".join(f"## {t}\n\n{markdown(r)}" for t, r in tables.items()) + "\n"
     print(text)
     atomic_write_text(out / "ablation.md", text)
     atomic_write_text(out / "ablation.json", json.dumps(tables, indent=2) + "\n")
