@@ -196,6 +196,10 @@ class DataConfig(Section):
         default=None, gt=1, description="Token limit per caption; null = the model's max_position_embeddings."
     )
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes (decode + preprocess).")
+    image_size: int | None = Field(
+        default=None, gt=0, description="Train and evaluate at this square resolution instead of the checkpoint's "
+        "(position embeddings interpolated); saved with the adapter's processor. null = the checkpoint's size.",
+    )
     replay: list[ReplaySpec] = Field(
         default_factory=list,
         description="Extra training sets mixed in by fraction, e.g. 10-30% source-domain data against forgetting.",

@@ -64,6 +64,7 @@ from finetune.model import (  # noqa: E402
     load_model_config,
     lora_gradient_report,
     save_processor,
+    set_image_size,
     trainable_parameters_by_tower,
 )
 from finetune.report import describe_duplicate_captions, format_results_table, write_results  # noqa: E402
@@ -111,6 +112,7 @@ def run(cfg: RecipeConfig) -> int:
     out = Path(cfg.train.output_dir)
     checkpoint = prepare_output_dir(cfg, out, accelerator)
     model, processor = load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    set_image_size(processor, cfg.data.image_size)
     train_pairs, eval_sets = build_datasets(cfg, processor.tokenizer, max_text_length, accelerator)
     evaluate = partial(
         evaluate_retrieval, processor=processor, batch_size=cfg.eval.batch_size, max_text_length=max_text_length,

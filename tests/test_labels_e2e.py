@@ -195,3 +195,25 @@ def test_label_feature_mistakes_are_recipe_errors_reported_together(tmp_path):
         ])
     with pytest.raises(ConfigError, match="caption_column is null"):
         load_config("recipes/demo.yaml", ["data.train.caption_column=null"])
+
+
+def test_a_tiny_model_trains_at_twice_its_size_and_reloads_with_it(tiny_clip_dir, tmp_path):
+    from finetune.collate import preprocess_images
+    from finetune.model import encode_images, load_adapted
+
+    out = tmp_path / "big"
+    overrides = [
+        f"model.name_or_path={tiny_clip_dir}", f"train.output_dir={out}", "train.max_steps=2", "data.image_size=64",
+        "data.train.synthetic.num_images=16", "data.train.synthetic.image_size=64", "data.eval.target.synthetic.num_images=8",
+        "data.eval.source=null", *SMALL,
+    ]
+    assert train.main(["recipes/demo.yaml", *overrides]) == 0
+    model, processor = load_adapted(out)
+    assert model.get_base_model().config.vision_config.image_size == 32  # the checkpoint's native size
+    image = generate_domain("target", 1, image_size=64, seed=9)["image"][0]
+    pixels = preprocess_images(processor, [image])
+    assert tuple(pixels.shape[-2:]) == (64, 64)  # the saved processor keeps data.image_size
+    with torch.no_grad():
+        assert encode_images(model, pixels).shape[0] == 1  # position embeddings interpolated, no size error
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert results["adapted"]["target"]["t2i"]["R@1"] >= 0
