@@ -122,9 +122,10 @@ class DatasetSpec(Section):
     )
     split: str = Field(default="train", description="Split, slicing allowed: train[:95%].")
     image_column: str = Field(default="image", description="Column holding the image.")
-    caption_column: str | None = Field(
+    caption_column: str | list[str] | None = Field(
         default="caption",
-        description="Column holding a caption or a list of captions; null for a label-only set (captions from caption_templates).",
+        description="Column holding a caption or a list of captions; several columns = several captions of one image; "
+        "null for a label-only set (captions from caption_templates).",
     )
     image_id_column: str | None = Field(
         default=None, description="Rows sharing this id are one image with several captions; null = row index."
@@ -146,6 +147,13 @@ class DatasetSpec(Section):
     label_names: dict[str, str] | None = Field(
         default=None, description="Raw label -> words used in templates (e.g. {'0': 'cracked'}); unmapped labels stay as they are."
     )
+    split_fraction: float | None = Field(
+        default=None, gt=0, lt=1,
+        description="Split a source that has one split, by image (never one image on both sides): this fraction of "
+        "images is the eval side. Use the same value and split_seed on the train and eval specs.",
+    )
+    split_part: Literal["train", "eval"] = Field(default="train", description="With split_fraction: which side this spec keeps.")
+    split_seed: int = Field(default=0, description="With split_fraction: same seed, same split.")
 
     @model_validator(mode="after")
     def path_xor_synthetic(self) -> "DatasetSpec":

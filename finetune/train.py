@@ -278,6 +278,7 @@ def dataset_arguments(spec: DatasetSpec, seed: int = 0) -> dict:
     """The dataset spec as the loader's plain arguments, field by field."""
     return dict(
         caption_templates=spec.caption_templates, label_names=spec.label_names, template_seed=seed,
+        split_fraction=spec.split_fraction, split_part=spec.split_part, split_seed=spec.split_seed,
         path=spec.path, name=spec.name, revision=spec.revision, data_files=spec.data_files, split=spec.split,
         image_column=spec.image_column, caption_column=spec.caption_column, image_id_column=spec.image_id_column,
         label_column=spec.label_column, max_samples=spec.max_samples,
