@@ -159,7 +159,7 @@ def test_data_inspect_counts_bad_images_duplicates_and_leakage(tiny_clip_dir, tm
     code = cli.main([
         "data", "inspect", "recipes/demo.yaml", f"model.name_or_path={tiny_clip_dir}", "data.train.synthetic=null",
         f"data.train.path={data}", "data.eval.target.synthetic=null", f"data.eval.target.path={data}",
-        "data.eval.target.label_column=label", "data.eval.source=null", "data.max_text_length=8", "--out", str(out),
+        "data.eval.target.label_column=label", "data.eval.source=null", "data.replay=[]", "data.max_text_length=8", "--out", str(out),
     ])
     assert code == 0
     printed = capsys.readouterr().out
@@ -205,7 +205,7 @@ def test_a_tiny_model_trains_at_twice_its_size_and_reloads_with_it(tiny_clip_dir
     overrides = [
         f"model.name_or_path={tiny_clip_dir}", f"train.output_dir={out}", "train.max_steps=2", "data.image_size=64",
         "data.train.synthetic.num_images=16", "data.train.synthetic.image_size=64", "data.eval.target.synthetic.num_images=8",
-        "data.eval.source=null", *SMALL,
+        "data.eval.source=null", "data.replay=[]", *SMALL,
     ]
     assert train.main(["recipes/demo.yaml", *overrides]) == 0
     model, processor = load_adapted(out)

@@ -38,6 +38,7 @@ def demo_overrides(tiny_clip_dir, out: Path, steps: int = 4) -> list[str]:
         "data.train.synthetic.num_images=24",
         "data.eval.target.synthetic.num_images=12",
         "data.eval.source.synthetic.num_images=12",
+        "data.replay=[{synthetic: {domain: source, num_images: 8, seed: 2}, fraction: 0.25}]",  # the demo's replay, small
         "optim.warmup_steps=1",
         *SMALL,
     ]
@@ -281,6 +282,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_clip_dir, tm
         "data.train.synthetic.num_images=40",
         "data.eval.target.synthetic.num_images=8",
         "data.eval.source.synthetic.num_images=8",
+        "data.replay=[{synthetic: {domain: source, num_images: 8, seed: 2}, fraction: 0.25}]",  # the mix shards too
         "eval.zero_shot=false",
         "data.num_workers=0",
     ]
@@ -340,6 +342,7 @@ def local_data_overrides(model_dir, train_dir, eval_dir, out: Path) -> list[str]
         "data.eval.target.synthetic=null",
         f"data.eval.target.path={eval_dir}",
         "data.eval.source=null",
+        "data.replay=[]",
         f"train.output_dir={out}",
         "data.num_workers=0",
     ]
