@@ -40,17 +40,20 @@ def concatenate_training_sets(
             if name in columns and name not in part.column_names:
                 fill = "" if name == "label" else []
                 part = part.add_column(name, [fill] * len(part), feature=feature)
-        if image_offset:
-            shift = image_offset
-            part = part.map(lambda b: {"image_index": [i + shift for i in b["image_index"]]}, batched=True)
+        if image_offset:  # a plain column swap: no map, no progress bar for a bookkeeping step
+            shifted = [i + image_offset for i in part["image_index"]]
+            part = part.remove_columns("image_index").add_column("image_index", shifted, feature=datasets.Value("int64"))
         if k:
             ranges.append((offset, len(part)))
         offset += len(part)
         image_offset = max(part["image_index"]) + 1  # after the shift: the next set starts above this one
         aligned.append(part.select_columns(sorted(columns | {"label_id"})))
+    from data_tools.loading import quiet_datasets
+
     features = aligned[0].features
     try:
-        aligned = [aligned[0]] + [p.cast(features) for p in aligned[1:]]
+        with quiet_datasets():
+            aligned = [aligned[0]] + [p if p.features == features else p.cast(features) for p in aligned[1:]]
     except (ValueError, TypeError) as exc:
         raise ValueError(
             f"data.replay: a replay set's columns do not match data.train's ({exc}); its image column must hold the "
