@@ -10,6 +10,9 @@ with one row per (image, caption) pair:
     source_row   int64, the row of the loaded split (after max_samples) the pair came from
     image_id     str, the image_id_column's value, or the source row as a string
     label        str, only when a label column is configured
+    caption_choices  list[str], only for a label-only set (caption_column null + caption_templates):
+                 the label written into every template; `caption` holds one of them, and training
+                 draws a fresh one per sample per epoch (data_tools/templates.py)
 
 `source_row` and `image_id` are stable: mining, indexing and search point back at the source with
 them, while `image_index` only numbers the images of this one load.
@@ -20,6 +23,7 @@ Decoding happens in the collator (`decode_image`), which counts and skips images
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import warnings
@@ -124,21 +128,36 @@ def load_image_text_dataset(
     label_column: str | None = None,
     max_samples: int | None = None,
     synthetic: dict | None = None,
+    caption_templates: list[str] | None = None,
+    label_names: dict[str, str] | None = None,
+    template_seed: int = 0,
+    split_fraction: float | None = None,
+    split_part: str = "train",
+    split_seed: int = 0,
+    report: dict | None = None,
 ) -> datasets.Dataset:
     """Load one split into the normal form above. `key` is the recipe key, quoted in every error.
+
+    `report`, when given, receives what normalisation drops: ``empty_captions`` (count) and
+    ``empty_caption_rows`` (the first 5 source rows with an empty or missing caption).
 
     datasets' progress bars and info lines are silenced unless the split comes from the Hub.
     """
     from_hub = synthetic is None and is_hub_lookup(path, data_files)
     with quiet_datasets(enabled=not from_hub):
-        raw, where = _load_raw(key, path, name, revision, data_files, split, synthetic)
+        raw, where = _load_raw(key, path, name, revision, data_files, split, synthetic, image_column)
         return _normalize(
             raw, key=key, where=where, image_column=image_column, caption_column=caption_column,
             image_id_column=image_id_column, label_column=label_column, max_samples=max_samples,
+            caption_templates=caption_templates if caption_column is None else None, label_names=label_names,
+            template_seed=template_seed, split_fraction=split_fraction, split_part=split_part, split_seed=split_seed,
+            report=report,
         )
 
 
-def _load_raw(key: str, path, name, revision, data_files, split: str, synthetic: dict | None) -> tuple[datasets.Dataset, str]:
+def _load_raw(
+    key: str, path, name, revision, data_files, split: str, synthetic: dict | None, image_column: str = "image"
+) -> tuple[datasets.Dataset, str]:
     if synthetic is not None:
         raw = datasets.Dataset.from_dict(
             generate_domain(**synthetic),
@@ -152,13 +171,21 @@ def _load_raw(key: str, path, name, revision, data_files, split: str, synthetic:
             ),
         )
         return raw, f"synthetic {synthetic['domain']} domain"
+    from data_tools.formats import PathColumnError, resolve_image_paths, table_base_dir, table_file
+
     where = f"{path!r} (split {split!r})"
+    builder, files = table_file(path, data_files)  # a bare `data.csv` loads through the csv builder
     try:
-        raw = datasets.load_dataset(path, name, data_files=data_files, split=split, revision=revision)
+        raw = datasets.load_dataset(builder, name, data_files=files, split=split, revision=revision)
     except Exception as exc:  # datasets raises many types; the user needs the key and the cause
         raise DataLoadError(
             f"{key}.path: could not load dataset {where}: {type(exc).__name__}: {exc}.{offline_note(path, data_files)}"
         ) from exc
+    if image_column in raw.column_names:
+        try:
+            raw = resolve_image_paths(raw, image_column, table_base_dir(path if builder == path else None, files), key)
+        except PathColumnError as exc:
+            raise DataLoadError(str(exc)) from None
     return raw, where
 
 
@@ -172,14 +199,24 @@ def _normalize(
     image_id_column: str | None,
     label_column: str | None,
     max_samples: int | None,
+    caption_templates: list[str] | None = None,
+    label_names: dict[str, str] | None = None,
+    template_seed: int = 0,
+    split_fraction: float | None = None,
+    split_part: str = "train",
+    split_seed: int = 0,
+    report: dict | None = None,
 ) -> datasets.Dataset:
-    columns = {
-        f"{key}.image_column": image_column,
-        f"{key}.caption_column": caption_column,
-        f"{key}.image_id_column": image_id_column,
-        f"{key}.label_column": label_column,
-    }
-    missing = [f"{k}: column {v!r} not in {where}" for k, v in columns.items() if v and v not in raw.column_names]
+    from data_tools.templates import label_captions, pick_template
+
+    caption_columns = [caption_column] if isinstance(caption_column, str) else list(caption_column or [])
+    columns = [
+        (f"{key}.image_column", image_column),
+        *((f"{key}.caption_column", c) for c in caption_columns),
+        (f"{key}.image_id_column", image_id_column),
+        (f"{key}.label_column", label_column),
+    ]
+    missing = [f"{k}: column {v!r} not in {where}" for k, v in columns if v and v not in raw.column_names]
     if missing:
         raise DataLoadError("; ".join(missing) + f". Columns there: {', '.join(raw.column_names)}")
 
@@ -188,10 +225,18 @@ def _normalize(
     if isinstance(raw.features[image_column], datasets.Image):
         raw = raw.cast_column(image_column, datasets.Image(decode=False))
 
-    keep = [c for c in (image_column, caption_column, image_id_column, label_column) if c]
+    if caption_column is None and not (caption_templates and label_column):
+        raise DataLoadError(f"{key}.caption_column is null: a label-only set needs {key}.caption_templates and {key}.label_column")
+    keep = [c for c in (image_column, *caption_columns, image_id_column, label_column) if c]
     raw = raw.select_columns(list(dict.fromkeys(keep)))
     # The id a user can look up in the source: the configured column, else the row itself.
     ids = [str(i) for i in raw[image_id_column]] if image_id_column else [str(i) for i in range(len(raw))]
+    if split_fraction is not None:  # a seeded split by image: all rows of one image land on one side
+        keep_rows = [r for r, i in enumerate(ids) if in_eval_part(i, split_fraction, split_seed) == (split_part == "eval")]
+        raw = raw.select(keep_rows)
+        ids = [ids[r] for r in keep_rows]
+        if not ids:
+            raise DataLoadError(f"{key}.split_fraction={split_fraction}: no image falls on the {split_part!r} side of {where}")
     # Factorize ids in order of first appearance: rows of one image share one integer.
     _, first_index, inverse = np.unique(np.asarray(ids), return_index=True, return_inverse=True)
     order = np.argsort(np.argsort(first_index))
@@ -201,9 +246,18 @@ def _normalize(
         out = {"image": [], "caption": [], "image_index": [], "source_row": [], "image_id": []}
         if label_column:
             out["label"] = []
+        if caption_column is None:
+            out["caption_choices"] = []
         for row, i in enumerate(indices):
-            captions = batch[caption_column][row]
-            captions = [captions] if isinstance(captions, str) else list(captions or [])
+            if caption_column is None:  # label-only: one caption per image, drawn from the templates
+                choices = label_captions(str(batch[label_column][row]), caption_templates, label_names)
+                captions = [choices[pick_template(template_seed, 0, int(i), len(choices))]]
+                out["caption_choices"].append(choices)
+            else:  # each caption column holds a caption or a list of captions; all are captions of this image
+                captions = []
+                for column in caption_columns:
+                    value = batch[column][row]
+                    captions += [value] if isinstance(value, str) else list(value or [])
             for caption in captions:
                 if not isinstance(caption, str) or not caption.strip():
                     continue
@@ -225,6 +279,15 @@ def _normalize(
     }
     if label_column:
         features["label"] = datasets.Value("string")
+    if caption_column is None:
+        features["caption_choices"] = datasets.List(datasets.Value("string"))
+    if report is not None and caption_column is not None:
+        def has_text(c) -> bool:
+            return (isinstance(c, str) and bool(c.strip())) or (isinstance(c, list) and any(isinstance(x, str) and x.strip() for x in c))
+
+        per_column = [raw[c] for c in caption_columns]
+        empty = [i for i in range(len(raw)) if not any(has_text(col[i]) for col in per_column)]
+        report["empty_captions"], report["empty_caption_rows"] = len(empty), empty[:5]
     normal = raw.map(
         explode,
         batched=True,
@@ -236,6 +299,13 @@ def _normalize(
     if len(normal) == 0:
         raise DataLoadError(f"{key}: no (image, caption) rows in {where}")
     return normal
+
+
+def in_eval_part(image_id: str, fraction: float, seed: int) -> bool:
+    """Whether an image belongs to the eval side of a seeded split: a hash of (seed, image id), so the
+    answer never depends on row order or on which other images are loaded."""
+    digest = hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
 def decode_image(value) -> Image.Image | None:

@@ -58,6 +58,7 @@ def write_model_card(
     train_seconds: float,
     num_processes: int,
     set_notes: Mapping[str, str] | None = None,
+    negatives_per_pair: float | None = None,
 ) -> None:
     """Write the README.md model card for an adapter.
 
@@ -70,6 +71,8 @@ def write_model_card(
         train_seconds: wall time of the training loop.
         num_processes: processes that trained together.
         set_notes: optional ``{eval set: text}`` printed under the table (see report.py).
+        negatives_per_pair: the mean in-batch negatives a pair really had after masking (the loss
+            measures it); None when unknown (e.g. a run resumed at its last step).
     """
     base = cfg.model.name_or_path
     towers = []
@@ -85,6 +88,16 @@ def write_model_card(
         else:
             towers.append(f"- **{tower}**: frozen")
     negatives = describe_negatives(cfg.train.batch_size, num_processes, cfg.loss.gather_across_processes)
+    if negatives_per_pair is not None:
+        masked = "same-image and same-label" if not cfg.loss.same_label_negatives else "same-image"
+        negatives += f" Measured over the steps this process trained: {negatives_per_pair:.1f} negatives per pair after {masked} masking."
+    longtail = [f"sampling {cfg.sampling.kind}" + (f" (power {cfg.sampling.power:g})" if cfg.sampling.kind == "power" else "")]
+    if cfg.loss.class_weights != "none":
+        longtail.append(f"class weights {cfg.loss.class_weights}")
+    if not cfg.loss.same_label_negatives:
+        longtail.append("same-label pairs are not negatives")
+    for spec in cfg.data.replay:
+        longtail.append(f"replay {100 * spec.fraction:g}% of {_dataset_name(spec)}")
     notes = f"\n{format_set_notes(set_notes)}\n" if set_notes else ""
     front = {"library_name": "peft", "base_model": base, "tags": ["clip", "lora", "image-text-retrieval"]}
     text = f"""---
@@ -99,6 +112,7 @@ Adapted for image-text retrieval with symmetric InfoNCE, LoRA on both towers.
 - train: {_dataset_name(cfg.data.train)}
 - eval (target): {_dataset_name(cfg.data.eval.target)}
 - eval (source, retention): {_dataset_name(cfg.data.eval.source) if cfg.data.eval.source else "none"}
+- {"; ".join(longtail)}
 
 ## Adapters
 {chr(10).join(towers)}

@@ -7,6 +7,7 @@
     domainclip index EXPORT_DIR --corpus SPEC --out INDEX_DIR [--modality image|text|both] [--memory-budget 2GB]
     domainclip search INDEX_DIR --text "..." | --image PATH [--text "..." --weight 0.5] [-k 10] [--json]
     domainclip push RUN_OR_EXPORT_DIR --repo user/name [--private] [--dry-run]
+    domainclip data inspect recipes/demo.yaml [key.sub=value ...] [--out DIR] [--decode]   a data report
 
 `train` validates the recipe once, before any process starts, so a bad recipe gets one clean error. With
 `--num-processes N` (N > 1) it runs `accelerate launch` with every launcher setting spelled out (on a
@@ -71,6 +72,13 @@ def main(argv=None) -> int:
                        ("search", "query an index by text, image or both"),
                        ("push", "upload a run or export with a model card (or --dry-run)")):
         sub.add_parser(name, help=f"{text}; `domainclip {name} --help`", add_help=False)
+    data = sub.add_parser("data", help="look at a recipe's datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    inspect = data_sub.add_parser("inspect", help="a report per dataset: counts, classes, bad images, duplicates, leakage")
+    inspect.add_argument("recipe")
+    inspect.add_argument("overrides", nargs="*")
+    inspect.add_argument("--out", default=None, help="folder for data_report.json and longtail.png (default: <train.output_dir>/data_report)")
+    inspect.add_argument("--decode", action="store_true", help="decode every image too (slower; finds damage a header check misses)")
     # Overrides may come before or after the options: `train recipe --num-processes 2 a.b=1` too.
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-")]
@@ -83,6 +91,8 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "data":
+        return data_inspect(cfg, args.out, args.decode)
     if args.command == "validate":
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         print(f"# {args.recipe}: valid", file=sys.stderr)
@@ -96,6 +106,37 @@ def main(argv=None) -> int:
         return train_main([args.recipe, *args.overrides])
     command = launch_command(args.recipe, args.overrides, args.num_processes, cfg.train.mixed_precision, args.main_process_port)
     return subprocess.run(command).returncode
+
+
+def data_inspect(cfg, out: str | None, decode: bool) -> int:
+    """`domainclip data inspect`: the recipe's datasets as plain loader arguments, then data_tools.inspect."""
+    from data_tools.inspect import format_report, inspect_datasets
+    from data_tools.loading import DataLoadError
+    from finetune.model import ModelLoadError, load_model_config
+    from finetune.towers import architecture_for, model_layout
+    from finetune.train import dataset_arguments
+
+    try:
+        config = load_model_config(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+        tokenizer = architecture_for(config).processor_class.from_pretrained(
+            cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        ).tokenizer
+        specs = {"data.train": cfg.data.train, **{f"data.replay.{i}": r for i, r in enumerate(cfg.data.replay)},
+                 "data.eval.target": cfg.data.eval.target}
+        if cfg.data.eval.source is not None:
+            specs["data.eval.source"] = cfg.data.eval.source
+        out_dir = Path(out) if out else Path(cfg.train.output_dir) / "data_report"
+        reports = inspect_datasets(
+            {key: dataset_arguments(spec, cfg.train.seed) for key, spec in specs.items()}, tokenizer=tokenizer,
+            max_text_length=cfg.data.max_text_length or model_layout(config).text_position_limit, out_dir=out_dir, decode=decode,
+        )
+    except (ModelLoadError, DataLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for key, report in reports.items():
+        print(format_report(key, report))
+    print(f"Wrote {out_dir / 'data_report.json'}, {out_dir / 'longtail.png'}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ class ImageTextCollator:
             source_row      (B,) int64     row of the loaded split
             image_id        list[str]      (B,)
             label           list[str]      (B,), when the rows carry labels
+            label_id        (B,) int64     class id (-1 unlabelled), when the rows carry one
             corrupt_images  () int64       rows dropped because their image could not be read
 
         B counts surviving rows only, and every field is aligned with pixel_values. A batch whose
@@ -51,6 +52,8 @@ class ImageTextCollator:
         }
         if rows and "label" in rows[0]:
             batch["label"] = [str(row["label"]) for row in kept]
+        if rows and "label_id" in rows[0]:  # class id for label-aware losses; -1 = unlabelled
+            batch["label_id"] = torch.tensor([row["label_id"] for row in kept], dtype=torch.int64)  # (B,)
         if images:
             batch["pixel_values"] = preprocess_images(self.processor, images)  # (B, 3, H, W)
             tokens = encode_captions(self.processor, [row["caption"] for row in kept], self.max_text_length)

@@ -122,21 +122,72 @@ class DatasetSpec(Section):
     )
     split: str = Field(default="train", description="Split, slicing allowed: train[:95%].")
     image_column: str = Field(default="image", description="Column holding the image.")
-    caption_column: str = Field(default="caption", description="Column holding a caption or a list of captions.")
+    caption_column: str | list[str] | None = Field(
+        default="caption",
+        description="Column holding a caption or a list of captions; several columns = several captions of one image; "
+        "null for a label-only set (captions from caption_templates).",
+    )
     image_id_column: str | None = Field(
         default=None, description="Rows sharing this id are one image with several captions; null = row index."
     )
-    label_column: str | None = Field(default=None, description="Optional class label (for per-class statistics).")
+    label_column: str | None = Field(
+        default=None,
+        description="Class label column: per-class statistics, class-level evaluation, long-tail sampling and weights.",
+    )
     max_samples: int | None = Field(default=None, gt=0, description="Keep the first N rows (quick runs).")
     synthetic: SyntheticSpec | None = Field(
         default=None, description="Generate a procedural domain instead of loading one (the offline demo)."
     )
+    caption_templates: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Templates with {label}, e.g. 'an EL image of a {label} solar cell'. With caption_column: null they "
+        "are the captions (one drawn per sample per epoch, seeded); always the class prompts of label-aware evaluation.",
+    )
+    label_names: dict[str, str] | None = Field(
+        default=None, description="Raw label -> words used in templates (e.g. {'0': 'cracked'}); unmapped labels stay as they are."
+    )
+    split_fraction: float | None = Field(
+        default=None, gt=0, lt=1,
+        description="Split a source that has one split, by image (never one image on both sides): this fraction of "
+        "images is the eval side. Use the same value and split_seed on the train and eval specs.",
+    )
+    split_part: Literal["train", "eval"] = Field(default="train", description="With split_fraction: which side this spec keeps.")
+    split_seed: int = Field(default=0, description="With split_fraction: same seed, same split.")
 
     @model_validator(mode="after")
     def path_xor_synthetic(self) -> "DatasetSpec":
         if (self.path is None) == (self.synthetic is None):
             raise ValueError("set exactly one of `path` (a dataset to load) and `synthetic` (a generated one)")
         return self
+
+    @field_validator("caption_templates")
+    @classmethod
+    def templates_name_the_label(cls, templates: list[str] | None) -> list[str] | None:
+        for i, template in enumerate(templates or []):
+            if "{label}" not in template:
+                raise ValueError(f"template {i} ({template!r}) has no {{label}} placeholder")
+            try:
+                template.format(label="x")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"template {i} ({template!r}) is not a format string with only {{label}}: {exc!r}") from None
+        return templates
+
+    @model_validator(mode="after")
+    def label_only_needs_templates_and_labels(self) -> "DatasetSpec":
+        if self.caption_column is None and not self.caption_templates:
+            raise ValueError("caption_column is null (a label-only set): set caption_templates to turn labels into captions")
+        if self.caption_templates and self.label_column is None:
+            raise ValueError("caption_templates are filled from labels: set label_column too")
+        if self.label_names and self.label_column is None:
+            raise ValueError("label_names maps labels: set label_column too")
+        return self
+
+
+class ReplaySpec(DatasetSpec):
+    """A dataset mixed into training by fraction (e.g. source-domain data against forgetting)."""
+
+    fraction: float = Field(gt=0, lt=1, description="Share of every training epoch drawn from this set (0.1 = 10%).")
 
 
 class EvalSetsConfig(Section):
@@ -153,6 +204,36 @@ class DataConfig(Section):
         default=None, gt=1, description="Token limit per caption; null = the model's max_position_embeddings."
     )
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes (decode + preprocess).")
+    image_size: int | None = Field(
+        default=None, gt=0, description="Train and evaluate at this square resolution instead of the checkpoint's "
+        "(position embeddings interpolated); saved with the adapter's processor. null = the checkpoint's size.",
+    )
+    replay: list[ReplaySpec] = Field(
+        default_factory=list,
+        description="Extra training sets mixed in by fraction, e.g. 10-30% source-domain data against forgetting.",
+    )
+
+    @model_validator(mode="after")
+    def replay_fractions_leave_room(self) -> "DataConfig":
+        total = sum(r.fraction for r in self.replay)
+        if total >= 1:
+            raise ValueError(f"data.replay: fractions sum to {total:g}; they must leave room for data.train (sum < 1)")
+        return self
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class SamplingConfig(Section):
+    kind: Literal["uniform", "class_balanced", "power", "repeat_factor"] = Field(
+        default="uniform",
+        description="uniform: every pair once per epoch; class_balanced: classes equally often; power: class c "
+        "~ n_c^power (0.5 = square-root); repeat_factor: LVIS repeat-factor sampling. All but uniform need data.train.label_column.",
+    )
+    power: float = Field(default=0.5, ge=0, le=1, description="kind=power: 0 = class-balanced, 0.5 = square-root, 1 = uniform.")
+    repeat_threshold: float = Field(
+        default=0.1, gt=0, le=1, description="kind=repeat_factor: classes rarer than this fraction of the data are repeated."
+    )
 
 
 # --------------------------------------------------------------------------- loss / optim / train / eval
@@ -162,6 +243,16 @@ class LossConfig(Section):
     kind: Literal["infonce"] = Field(default="infonce", description="Symmetric InfoNCE (CLIP's loss).")
     gather_across_processes: bool = Field(
         default=True, description="Use every process's batch as negatives (the global batch), as CLIP does."
+    )
+    same_label_negatives: bool = Field(
+        default=True,
+        description="false: pairs sharing a class label are not each other's negatives (supervised-contrastive view). Needs labels.",
+    )
+    class_weights: Literal["none", "inverse_frequency", "effective_number"] = Field(
+        default="none", description="Per-pair class weights in InfoNCE, mean 1 over the training pairs. Needs labels."
+    )
+    class_weight_beta: float = Field(
+        default=0.999, ge=0, lt=1, description="class_weights=effective_number: beta of Cui et al. 2019 (closer to 1 = closer to inverse frequency)."
     )
 
 
@@ -277,6 +368,7 @@ class RecipeConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig
     loss: LossConfig = Field(default_factory=LossConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     # A dict, not TrainConfig(): the default is invalid (no max_steps/epochs), and validating it here
     # reports that as `train: ...` next to every other problem instead of aborting the whole recipe.
@@ -295,6 +387,22 @@ class RecipeConfig(Section):
         k = int(self.export.select_metric[2:])
         if k not in self.eval.ks:
             raise ValueError(f"export.select_metric: {self.export.select_metric} is not measured; eval.ks is {self.eval.ks}")
+        return self
+
+    @model_validator(mode="after")
+    def label_features_need_labels(self) -> "RecipeConfig":
+        train = self.data.train
+        if train.label_column is not None:
+            return self
+        needs = []
+        if self.sampling.kind != "uniform":
+            needs.append(f"sampling.kind={self.sampling.kind}")
+        if self.loss.class_weights != "none":
+            needs.append(f"loss.class_weights={self.loss.class_weights}")
+        if not self.loss.same_label_negatives:
+            needs.append("loss.same_label_negatives=false")
+        if needs:
+            raise ValueError(f"{', '.join(needs)} need class labels: set data.train.label_column (e.g. label)")
         return self
 
     @model_validator(mode="after")

@@ -20,7 +20,17 @@ from tqdm.auto import tqdm
 
 from data_tools.loading import DataLoadError, RetrievalSet, decode_image
 from finetune.collate import encode_captions, preprocess_images
-from finetune.metrics import retrieval_metrics
+from data_tools.templates import label_captions
+from finetune.metrics import (
+    class_prompt_embedding,
+    class_retrieval_metrics,
+    classification_metrics,
+    frequency_groups,
+    group_means,
+    per_class_t2i_recall,
+    retrieval_metrics,
+    retrieval_ranks,
+)
 from finetune.model import encode_images, encode_texts
 
 
@@ -149,6 +159,65 @@ def _autocast(accelerator: Accelerator | None):
     return accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
 
 
+@torch.no_grad()
+def label_aware_metrics(
+    model: torch.nn.Module,
+    processor,
+    rset: RetrievalSet,
+    emb: dict,
+    *,
+    templates: list[str],
+    label_names: dict[str, str] | None,
+    class_counts: dict[str, int] | None,
+    max_text_length: int,
+    ks: tuple[int, ...],
+) -> dict:
+    """Class-level numbers of one labelled eval set (see finetune/metrics.py):
+
+        classification   top1, top5 (>= 5 classes), macro_top1: images vs prompt-ensemble class embeddings
+        class_retrieval  t2i_P@K, t2i_mAP@K (one query per class prompt), i2i_P@K
+        long_tail        t2i_R@1 and accuracy averaged over head / medium / tail classes
+        per_class        {class: {count, group, t2i_R@1, accuracy}}
+
+    Head / medium / tail come from `class_counts` (the training set's pairs per class) when given,
+    else from this set's images per class.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    labels = [label for label, ok in zip(rset.labels, emb["image_valid"].tolist()) if ok]  # (N_valid,)
+    classes = sorted(set(labels))
+    class_id = {c: i for i, c in enumerate(classes)}
+    image_class = torch.tensor([class_id[label] for label in labels], dtype=torch.long)  # (N_valid,)
+
+    prompts = [p for c in classes for p in label_captions(c, templates, label_names)]  # (C * T,)
+    prompt_emb = []
+    for start in range(0, len(prompts), 256):
+        tokens = encode_captions(processor, prompts[start : start + 256], max_text_length)
+        prompt_emb.append(encode_texts(model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float().cpu())
+    model.train(was_training)
+    prompt_emb = torch.cat(prompt_emb).view(len(classes), len(templates), -1)  # (C, T, D)
+    class_emb = class_prompt_embedding(prompt_emb)  # (C, D)
+
+    classification, accuracy = classification_metrics(emb["image_emb"], class_emb, image_class, ks=(1, 5))
+    class_retrieval = class_retrieval_metrics(
+        prompt_emb.reshape(len(prompts), -1), torch.arange(len(classes)).repeat_interleave(len(templates)),
+        emb["image_emb"], image_class, ks=tuple(k for k in ks if k in (1, 5, 10)) or (1,),
+    )
+    ranks = retrieval_ranks(emb["image_emb"], emb["text_emb"], emb["text_to_image"])
+    recall = per_class_t2i_recall(ranks["t2i"], image_class[emb["text_to_image"]], len(classes), k=1)
+    counts = {c: int(class_counts.get(c, 0)) for c in classes} if class_counts else {c: labels.count(c) for c in classes}
+    groups = frequency_groups(counts)
+    per_class = {
+        c: {"count": counts[c], "group": groups[c], "t2i_R@1": recall[i], "accuracy": accuracy[i]} for i, c in enumerate(classes)
+    }
+    long_tail = {}
+    for metric, values in (("t2i_R@1", recall), ("accuracy", accuracy)):
+        for group, mean in group_means(dict(zip(classes, values)), groups).items():
+            long_tail[f"{group}_{metric}"] = mean
+    return {"classification": classification, "class_retrieval": class_retrieval, "long_tail": long_tail, "per_class": per_class}
+
+
 def evaluate_retrieval(
     model: torch.nn.Module,
     processor,
@@ -160,10 +229,14 @@ def evaluate_retrieval(
     num_workers: int = 0,
     accelerator: Accelerator | None = None,
     desc: str = "",
+    class_prompts: dict[str, tuple[list[str], dict[str, str] | None]] | None = None,
+    class_counts: dict[str, int] | None = None,
 ) -> tuple[dict, dict]:
-    """{set name: {"t2i": {...}, "i2t": {...}}} and {set name: corrupt image count}.
+    """{set name: {"t2i": {...}, "i2t": {...}, (label-aware keys)}} and {set name: corrupt image count}.
 
     `num_workers` DataLoader processes decode and preprocess the images (the recipe's data.num_workers).
+    A set with labels also gets `label_aware_metrics`, with its class prompts from `class_prompts`
+    ({set: (templates, label_names)}; the bare label when a set has none).
     """
     results, corrupt = {}, {}
     for name, rset in sets.items():
@@ -172,5 +245,13 @@ def evaluate_retrieval(
             accelerator=accelerator, name=name, desc=f"{desc} {name}".strip(),
         )
         results[name] = retrieval_metrics(emb["image_emb"], emb["text_emb"], emb["text_to_image"], ks=tuple(ks))
+        if rset.labels is not None:
+            templates, label_names = (class_prompts or {}).get(name) or (["{label}"], None)
+            results[name].update(
+                label_aware_metrics(
+                    model, processor, rset, emb, templates=templates, label_names=label_names, class_counts=class_counts,
+                    max_text_length=max_text_length, ks=tuple(ks),
+                )
+            )
         corrupt[name] = emb["corrupt_images"]
     return results, corrupt

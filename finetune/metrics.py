@@ -18,6 +18,7 @@ equals the plain "1 + strictly better candidates" rank.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from data_tools.sampling import frequency_groups  # noqa: F401  (head / medium / tail; re-exported)
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -380,6 +383,125 @@ def _summarise_ranks(ranks: QueryRanks, ks: tuple[int, ...]) -> dict[str, float]
     out: dict[str, float] = {f"R@{k}": float(100.0 * np.mean(ranks.hit_probability(k).numpy())) for k in ks}
     out["mean_rank"] = float(np.mean(expected))
     out["median_rank"] = float(np.median(expected))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Label-aware metrics: classes instead of instances
+# --------------------------------------------------------------------------------------------------
+#
+# When many images share a caption (a label-only set: every "circle" image is captioned from the same
+# few templates) instance recall says little: the right image ties with every image of its class.
+# These functions score classes instead. Scores are cosine similarities; rankings here break exact
+# ties by candidate order (stable sort), which is harmless at class level, where a tie between two
+# images of the same class changes nothing.
+
+
+def class_prompt_embedding(prompt_emb: torch.Tensor) -> torch.Tensor:
+    """(C, T, D) embeddings of T prompts per class -> (C, D): the mean of the normalised prompt
+    embeddings, normalised again (the CLIP paper's prompt ensemble)."""
+    return F.normalize(F.normalize(prompt_emb.float(), dim=-1).mean(dim=1), dim=-1)
+
+
+def classification_metrics(
+    image_emb: torch.Tensor, class_emb: torch.Tensor, image_class: torch.Tensor, ks: Sequence[int] = (1, 5)
+) -> tuple[dict[str, float], list[float | None]]:
+    """Zero-shot classification: each image is assigned the class whose embedding scores highest.
+
+    Returns ``({"top1": %, "top5": % (only for K <= number of classes), "macro_top1": %}, per-class
+    top-1 accuracy in % (None for a class with no image))``. Macro accuracy is the mean over classes
+    that have images, so a rare class counts as much as a frequent one.
+    """
+    image_class = torch.as_tensor(image_class, dtype=torch.long)
+    scores = F.normalize(image_emb.float(), dim=-1) @ F.normalize(class_emb.float(), dim=-1).T  # (N, C)
+    n_classes = class_emb.shape[0]
+    own = scores.gather(1, image_class[:, None])  # (N, 1)
+    rank = (scores > own).sum(dim=1)  # (N,) classes strictly above the true one
+    out: dict[str, float] = {}
+    for k in ks:
+        if k <= n_classes:
+            out[f"top{k}"] = float(100.0 * (rank < k).double().mean())
+    correct = (rank == 0).double()  # (N,)
+    per_class: list[float | None] = []
+    for c in range(n_classes):
+        mine = image_class == c
+        per_class.append(float(100.0 * correct[mine].mean()) if mine.any() else None)
+    present = [a for a in per_class if a is not None]
+    out["macro_top1"] = float(np.mean(present)) if present else 0.0
+    return out, per_class
+
+
+def precision_and_ap_at_k(relevant: torch.Tensor, k: int, total_relevant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q,) precision@K and AP@K from (Q, >=K) 0/1 relevance of each query's ranked list.
+
+    AP@K = 1 / min(K, R) * sum_{i <= K} P@i * rel_i, with R the query's number of relevant
+    candidates (queries with R = 0 get AP 0).
+    """
+    rel = relevant[:, :k].double()  # (Q, K)
+    hits = rel.cumsum(dim=1)  # (Q, K)
+    positions = torch.arange(1, rel.shape[1] + 1, dtype=torch.float64)  # (K,)
+    precision = hits[:, -1] / k
+    denom = torch.clamp(torch.minimum(total_relevant.double(), torch.tensor(float(k))), min=1.0)
+    ap = (hits / positions * rel).sum(dim=1) / denom
+    return precision, torch.where(total_relevant > 0, ap, torch.zeros_like(ap))
+
+
+def class_retrieval_metrics(
+    query_emb: torch.Tensor,
+    query_class: torch.Tensor,
+    image_emb: torch.Tensor,
+    image_class: torch.Tensor,
+    ks: Sequence[int] = (1, 10),
+) -> dict[str, float]:
+    """Class-level retrieval in percent: a retrieved image is relevant when it has the query's class.
+
+    ``t2i_P@K`` / ``t2i_mAP@K``: text queries (one per class prompt) against all images.
+    ``i2i_P@K``: every image as a query against the other images (itself excluded).
+    K larger than the candidate count is cut to it.
+    """
+    query_class = torch.as_tensor(query_class, dtype=torch.long)
+    image_class = torch.as_tensor(image_class, dtype=torch.long)
+    img = F.normalize(image_emb.float(), dim=-1)  # (N, D)
+    txt = F.normalize(query_emb.float(), dim=-1)  # (Q, D)
+    n = img.shape[0]
+    order = torch.argsort(txt @ img.T, dim=1, descending=True, stable=True)  # (Q, N)
+    relevant = image_class[order] == query_class[:, None]  # (Q, N)
+    per_class = torch.bincount(image_class, minlength=int(max(image_class.max(), query_class.max())) + 1)
+    out: dict[str, float] = {}
+    for k in ks:
+        kk = min(k, n)
+        precision, ap = precision_and_ap_at_k(relevant, kk, per_class[query_class])
+        out[f"t2i_P@{k}"] = float(100.0 * precision.mean())
+        out[f"t2i_mAP@{k}"] = float(100.0 * ap.mean())
+    if n > 1:
+        sim = img @ img.T  # (N, N)
+        sim.fill_diagonal_(-torch.inf)  # never retrieve the query itself
+        order = torch.argsort(sim, dim=1, descending=True, stable=True)[:, : n - 1]  # (N, N-1)
+        same = image_class[order] == image_class[:, None]  # (N, N-1)
+        for k in ks:
+            kk = min(k, n - 1)
+            out[f"i2i_P@{k}"] = float(100.0 * same[:, :kk].double().mean())
+    return out
+
+
+def per_class_t2i_recall(t2i: QueryRanks, caption_class: torch.Tensor, n_classes: int, k: int = 1) -> list[float | None]:
+    """Text->image R@K in percent over the captions of each class's images (None for an absent class)."""
+    hit = t2i.hit_probability(k)  # (N_txt,)
+    caption_class = torch.as_tensor(caption_class, dtype=torch.long)
+    out: list[float | None] = []
+    for c in range(n_classes):
+        mine = caption_class == c
+        out.append(float(100.0 * hit[mine].mean()) if mine.any() else None)
+    return out
+
+
+def group_means(values: dict[str, float | None], groups: dict[str, str]) -> dict[str, float]:
+    """Mean of per-class values within head / medium / tail (classes without a value left out)."""
+    out = {}
+    for group in ("head", "medium", "tail"):
+        present = [v for c, v in values.items() if groups.get(c) == group and v is not None]
+        if present:
+            out[group] = float(np.mean(present))
     return out
 
 

@@ -92,6 +92,19 @@ def load_model(name_or_path: str, revision: str | None = None, trust_remote_code
     return model, processor
 
 
+def set_image_size(processor, image_size: int | None) -> None:
+    """Resize + centre-crop to `image_size` pixels (data.image_size) instead of the checkpoint's size.
+
+    The processor saved with the adapter keeps the size, so every later command uses it; the vision
+    tower's position embeddings are interpolated to it (finetune/towers.py `resolution_kwargs`).
+    """
+    if image_size is None:
+        return
+    image_processor = processor.image_processor
+    image_processor.size = {"shortest_edge": image_size}
+    image_processor.crop_size = {"height": image_size, "width": image_size}
+
+
 def save_processor(processor, out_dir) -> None:
     """processor_config.json plus preprocessor_config.json, which older loaders look for."""
     processor.save_pretrained(out_dir)

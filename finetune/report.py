@@ -27,8 +27,11 @@ __all__ = ["describe_duplicate_captions", "format_results_table", "format_set_no
 # Orders used for tables and plots: target first (what we adapt to), then source (what we must not
 # forget); text->image before image->text. Unknown names follow, sorted, so nothing is dropped.
 _SET_ORDER = ("target", "source")
-_DIRECTION_ORDER = ("t2i", "i2t")
+_DIRECTION_ORDER = ("t2i", "i2t", "classification", "class_retrieval", "long_tail")
+_CLASS_LEVEL = ("classification", "class_retrieval", "long_tail")
 _DIRECTION_LABELS = {"t2i": "text->image", "i2t": "image->text"}
+# Nested per-class detail in results.json: not a table row, drawn in results_per_class.png instead.
+PER_CLASS = "per_class"
 _RECALL_RE = re.compile(r"^R@(\d+)$")
 _LABEL_INSIDE_ABOVE = 90.0  # bar height (%) above which its value label is drawn inside the bar
 _BASELINE_COLOR = "#9e9e9e"
@@ -36,7 +39,9 @@ _MODEL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b
 _SHAPE = "{model: {set: {direction: {metric: value}}}}"
 
 
-def format_results_table(results: Mapping[str, Any], baseline: str = "zero_shot") -> str:
+def format_results_table(
+    results: Mapping[str, Any], baseline: str = "zero_shot", lead_with_classes: Iterable[str] = ()
+) -> str:
     """Markdown table of every model's retrieval metrics, one row per (set, direction, metric).
 
     Columns: ``set | direction | metric``, one column per model (the baseline first, then the
@@ -49,11 +54,14 @@ def format_results_table(results: Mapping[str, Any], baseline: str = "zero_shot"
     Args:
         results: ``{model: {set: {direction: {metric: value}}}}``; a model may lack any set.
         baseline: the model the deltas are taken against.
+        lead_with_classes: sets whose class-level rows (classification, class_retrieval,
+            long_tail) come before instance recall, because instance recall misleads there.
 
     Raises:
         ValueError: when results is not that nesting of mappings or a value is not a number.
     """
     _check_results(results)
+    lead_with_classes = set(lead_with_classes)
     names = _model_names(results, baseline)
     others = [n for n in names if n != baseline] if baseline in results else []
     if len(others) == 1:
@@ -64,7 +72,7 @@ def format_results_table(results: Mapping[str, Any], baseline: str = "zero_shot"
     right_aligned = [False] * 3 + [True] * (len(header) - 3)
 
     body = []
-    for eval_set, direction, metric, values in _table_rows(results, names):
+    for eval_set, direction, metric, values in _table_rows(results, names, lead_with_classes):
         by_name = dict(zip(names, values))
         deltas = []
         for name in others:
@@ -120,6 +128,7 @@ def write_results(
     *,
     baseline: str = "zero_shot",
     set_notes: Mapping[str, str] | None = None,
+    lead_with_classes: Iterable[str] = (),
 ) -> dict[str, Path]:
     """Write results.json, results.md and results.png into ``out_dir`` (created if missing).
 
@@ -144,11 +153,82 @@ def write_results(
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
 
+    lead_with_classes = set(lead_with_classes)
     atomic_write_text(paths["json"], json.dumps(results, indent=2, sort_keys=True, default=_json_default) + "\n")
-    atomic_write_text(paths["md"], _results_markdown(results, baseline, set_notes))
+    markdown = _results_markdown(results, baseline, set_notes, lead_with_classes)
+    per_class_sets = _ordered({s for sets in results.values() for s, d in sets.items() if PER_CLASS in d}, _SET_ORDER)
+    if per_class_sets:
+        paths["per_class_png"] = out / "results_per_class.png"
+        markdown += "\n" + format_per_class_tables(results, baseline)
+        with atomic_open(paths["per_class_png"]) as fh:
+            _save_per_class_png(results, baseline, per_class_sets, fh)
+    atomic_write_text(paths["md"], markdown)
     with atomic_open(paths["png"]) as fh:
         _save_results_png(results, baseline, fh)
     return paths
+
+
+def _per_class_rows(results: Mapping[str, Any], eval_set: str, names: Sequence[str]) -> list[tuple[str, dict, list]]:
+    """(class, its info, [per-model info]) sorted by count, most frequent first."""
+    info: dict[str, dict] = {}
+    for name in names:
+        info.update(results[name].get(eval_set, {}).get(PER_CLASS, {}))
+    ordered = sorted(info, key=lambda c: (-info[c]["count"], c))
+    return [(c, info[c], [results[n].get(eval_set, {}).get(PER_CLASS, {}).get(c, {}) for n in names]) for c in ordered]
+
+
+def format_per_class_tables(results: Mapping[str, Any], baseline: str = "zero_shot") -> str:
+    """Markdown: per eval set with labels, one row per class (most frequent first) with its frequency
+    group and each model's text->image R@1 and classification accuracy."""
+    names = _model_names(results, baseline)
+    sets = _ordered({s for sets in results.values() for s, d in sets.items() if PER_CLASS in d}, _SET_ORDER)
+    parts = []
+    for eval_set in sets:
+        header = ["class", "count", "group", *(f"t2i R@1 {_label(n)}" for n in names), *(f"acc {_label(n)}" for n in names)]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for cls, meta, per_model in _per_class_rows(results, eval_set, names):
+            cells = [cls, str(meta["count"]), meta["group"]]
+            cells += [_fmt(m.get("t2i_R@1")) for m in per_model] + [_fmt(m.get("accuracy")) for m in per_model]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append(
+            f"## Per class: {eval_set}\n\nClasses sorted by frequency (count: training pairs of the class when the "
+            "run has a labelled training set, else this set's images); head = the most frequent third of the classes, "
+            "tail = the least frequent third, medium = the rest.\n\n" + "\n".join(lines) + "\n"
+        )
+    return "\n".join(parts)
+
+
+def _save_per_class_png(results: Mapping[str, Any], baseline: str, sets: Sequence[str], fh: IO[bytes]) -> None:
+    """Per labelled set: t2i R@1 and accuracy per class, one bar per model, classes by frequency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = _model_names(results, baseline)
+    fig, axes = plt.subplots(len(sets), 2, figsize=(11, 3.6 * len(sets)), squeeze=False)
+    try:
+        colors = {n: (_BASELINE_COLOR if n == baseline else _MODEL_COLORS[i % len(_MODEL_COLORS)]) for i, n in enumerate(names)}
+        width = 0.8 / max(len(names), 1)
+        for row, eval_set in enumerate(sets):
+            rows = _per_class_rows(results, eval_set, names)
+            x = np.arange(len(rows))
+            for col, metric in enumerate(("t2i_R@1", "accuracy")):
+                ax = axes[row][col]
+                for i, name in enumerate(names):
+                    heights = [float(m.get(metric) or 0.0) for _, _, per in rows for m in [per[i]]]
+                    ax.bar(x + (i - (len(names) - 1) / 2) * width, heights, width, label=_label(name), color=colors[name])
+                ax.set_xticks(x, [f"{c}\n{meta['count']} ({meta['group'][0]})" for c, meta, _ in rows], fontsize=7)
+                ax.set_ylim(0, 100)
+                ax.set_title(f"{eval_set}: {'text->image R@1' if metric == 't2i_R@1' else 'classification accuracy'} per class")
+                ax.grid(axis="y", alpha=0.3)
+                ax.set_axisbelow(True)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle("Per class, most frequent first (h/m/t = head/medium/tail)")
+        fig.tight_layout()
+        fig.savefig(fh, format="png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,6 +244,8 @@ def _check_results(results: Any) -> None:
         for eval_set, directions in sets.items():
             _check_level(directions, f"results[{model!r}][{eval_set!r}]", "direction")
             for direction, metrics in directions.items():
+                if direction == PER_CLASS:
+                    continue
                 where = f"results[{model!r}][{eval_set!r}][{direction!r}]"
                 _check_level(metrics, where, "metric")
                 for metric, value in metrics.items():
@@ -209,13 +291,17 @@ def _ordered(names: Iterable[str], preferred: Sequence[str]) -> list[str]:
     return [n for n in preferred if n in names] + sorted(names - set(preferred))
 
 
-def _metric_sort_key(name: str) -> tuple[int, float, str]:
-    """R@K by increasing K, then mean_rank, median_rank, then anything else alphabetically."""
+def _metric_sort_key(name: str) -> tuple[int, str, float, str]:
+    """R@K by increasing K, then mean_rank, median_rank, then anything else by name with any @K by K
+    (t2i_P@5 before t2i_P@10)."""
     m = _RECALL_RE.match(name)
     if m:
-        return (0, float(m.group(1)), name)
+        return (0, "", float(m.group(1)), name)
     fixed = {"mean_rank": 1, "median_rank": 2}
-    return (fixed.get(name, 3), 0.0, name)
+    if name in fixed:
+        return (fixed[name], "", 0.0, name)
+    at = re.match(r"^(.*)@(\d+)$", name)
+    return (3, at.group(1), float(at.group(2)), name) if at else (3, name, 0.0, name)
 
 
 def _lookup(results: Mapping[str, Any], model: str, eval_set: str, direction: str, metric: str):
@@ -228,13 +314,16 @@ def _lookup(results: Mapping[str, Any], model: str, eval_set: str, direction: st
     return node
 
 
-def _table_rows(results: Mapping[str, Any], names: Sequence[str]) -> list[tuple[str, str, str, list[Any]]]:
+def _table_rows(
+    results: Mapping[str, Any], names: Sequence[str], lead_with_classes: set[str] = frozenset()
+) -> list[tuple[str, str, str, list[Any]]]:
     """(set, direction, metric, [value per model]) for every metric any model has."""
     sets = _ordered((s for n in names for s in results[n]), _SET_ORDER)
     rows = []
     for eval_set in sets:
+        order = (*_CLASS_LEVEL, *_DIRECTION_ORDER) if eval_set in lead_with_classes else _DIRECTION_ORDER
         directions = _ordered(
-            (d for n in names for d in results[n].get(eval_set, {})), _DIRECTION_ORDER
+            (d for n in names for d in results[n].get(eval_set, {}) if d != PER_CLASS), order
         )
         for direction in directions:
             metrics = {m for n in names for m in results[n].get(eval_set, {}).get(direction, {})}
@@ -265,7 +354,9 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
-def _results_markdown(results: Mapping[str, Any], baseline: str, set_notes: Mapping[str, str] | None) -> str:
+def _results_markdown(
+    results: Mapping[str, Any], baseline: str, set_notes: Mapping[str, str] | None, lead_with_classes: set[str] = frozenset()
+) -> str:
     """The results.md body: title, how to read the numbers, the table, then any per-set notes."""
     names = _model_names(results, baseline)
     others = [n for n in names if n != baseline] if baseline in results else []
@@ -281,8 +372,16 @@ def _results_markdown(results: Mapping[str, Any], baseline: str, set_notes: Mapp
         "R@K is the percentage of queries whose correct match is ranked in the top K "
         "(higher is better); mean/median rank is the rank of the first correct match "
         f"(lower is better).{delta}\n\n"
-        f"{format_results_table(results, baseline)}\n"
+        f"{format_results_table(results, baseline, lead_with_classes)}\n"
     )
+    if any(d in _CLASS_LEVEL for sets in results.values() for dirs in sets.values() for d in dirs):
+        text += (
+            "\nClass-level rows (sets with labels): `classification` is zero-shot classification of each image "
+            "against prompt-ensemble class embeddings (top1, top5, macro_top1 = mean of per-class accuracy); "
+            "`class_retrieval` counts a retrieved image as relevant when it has the query's class (t2i: one query per "
+            "class prompt; i2i: every image against the others); `long_tail` averages per-class t2i R@1 and accuracy "
+            "over head / medium / tail classes.\n"
+        )
     if set_notes:
         text += f"\n{format_set_notes(set_notes)}\n"
     return text

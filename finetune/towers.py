@@ -169,9 +169,22 @@ def model_layout(model: nn.Module | PretrainedConfig) -> ModelLayout:
     return architecture_for(config).layout(config)
 
 
+def resolution_kwargs(model: nn.Module, pixel_values: torch.Tensor) -> dict:
+    """`interpolate_pos_encoding=True` when images are not at the vision tower's native size (data.image_size).
+
+    Only CLIPModel's forward takes the switch; another architecture at a foreign size fails in its own
+    embedding layer, which names the size it expected.
+    """
+    base = unwrap(model)
+    native = getattr(getattr(base.config, "vision_config", None), "image_size", None)
+    if isinstance(base, CLIPModel) and native is not None and tuple(pixel_values.shape[-2:]) != (native, native):
+        return {"interpolate_pos_encoding": True}
+    return {}
+
+
 def image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Projected image embeddings, not normalised. # (B, D)"""
-    return unwrap(model).get_image_features(pixel_values=pixel_values).pooler_output
+    return unwrap(model).get_image_features(pixel_values=pixel_values, **resolution_kwargs(model, pixel_values)).pooler_output
 
 
 def text_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -187,7 +200,9 @@ def pair_features(
     Goes through the outermost wrapper's forward, so DDP prepares its gradient reduction as it must;
     both architectures return `image_embeds` / `text_embeds` already normalised.
     """
-    out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+    out = model(
+        pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **resolution_kwargs(model, pixel_values)
+    )
     return out.image_embeds, out.text_embeds
 
 

@@ -36,7 +36,6 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import get_scheduler  # noqa: E402
 
 from data_tools.loading import DataLoadError, RetrievalSet, load_image_text_dataset  # noqa: E402
-from data_tools.sampling import EpochShuffleSampler  # noqa: E402
 from finetune.card import write_model_card  # noqa: E402
 from finetune.checkpoint import (  # noqa: E402
     ResumeError,
@@ -65,10 +64,18 @@ from finetune.model import (  # noqa: E402
     load_model_config,
     lora_gradient_report,
     save_processor,
+    set_image_size,
     trainable_parameters_by_tower,
 )
 from finetune.report import describe_duplicate_captions, format_results_table, write_results  # noqa: E402
 from finetune.step import contrastive_step  # noqa: E402
+from finetune.train_data import (  # noqa: E402
+    TrainingSet,
+    build_class_weights,
+    build_sampler,
+    build_training_set,
+    training_dataset,
+)
 from finetune.towers import logit_scale, model_layout  # noqa: E402
 
 
@@ -105,15 +112,17 @@ def run(cfg: RecipeConfig) -> int:
     out = Path(cfg.train.output_dir)
     checkpoint = prepare_output_dir(cfg, out, accelerator)
     model, processor = load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    set_image_size(processor, cfg.data.image_size)
     train_pairs, eval_sets = build_datasets(cfg, processor.tokenizer, max_text_length, accelerator)
     evaluate = partial(
         evaluate_retrieval, processor=processor, batch_size=cfg.eval.batch_size, max_text_length=max_text_length,
         ks=tuple(cfg.eval.ks), num_workers=cfg.data.num_workers, accelerator=accelerator,
+        class_prompts=class_prompts(cfg), class_counts=train_pairs.class_counts(),
     )
     results = {"zero_shot": zero_shot_results(model, evaluate, eval_sets, out, checkpoint, accelerator)} if cfg.eval.zero_shot else {}
 
     model = build_model(cfg, model, accelerator)
-    loss_fn = build_loss(cfg)
+    loss_fn = build_loss(cfg, train_pairs)
     train_loader, sampler = build_train_loader(cfg, train_pairs, processor, max_text_length)
     model, train_loader, loss_fn = prepare(accelerator, model, train_loader, loss_fn)
     max_steps = count_max_steps(cfg, train_loader, len(train_pairs), accelerator)
@@ -126,7 +135,10 @@ def run(cfg: RecipeConfig) -> int:
     )
 
     results["adapted"], skipped_eval = evaluate(accelerator.unwrap_model(model), sets=eval_sets, desc="adapted")
-    write_artifacts(cfg, accelerator, accelerator.unwrap_model(model), processor, results, state, skipped_eval, eval_sets, out)
+    write_artifacts(
+        cfg, accelerator, accelerator.unwrap_model(model), processor, results, state, skipped_eval, eval_sets, out,
+        negatives_per_pair=loss_fn.negatives_per_pair() if hasattr(loss_fn, "negatives_per_pair") else None,
+    )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
@@ -145,6 +157,8 @@ def train_loop(cfg, accelerator, model, loss_fn, optimizer, scheduler, loader, s
     model.train()
     while state.step < max_steps:
         sampler.epoch = state.epoch
+        if hasattr(loader.dataset, "epoch"):  # label-only rows draw their template per epoch
+            loader.dataset.epoch = state.epoch
         skip = state.batches_done_in_epoch
         usable = 0
         for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
@@ -263,9 +277,11 @@ def prepare_output_dir(cfg: RecipeConfig, out: Path, accelerator: Accelerator) -
     return checkpoint
 
 
-def dataset_arguments(spec: DatasetSpec) -> dict:
+def dataset_arguments(spec: DatasetSpec, seed: int = 0) -> dict:
     """The dataset spec as the loader's plain arguments, field by field."""
     return dict(
+        caption_templates=spec.caption_templates, label_names=spec.label_names, template_seed=seed,
+        split_fraction=spec.split_fraction, split_part=spec.split_part, split_seed=spec.split_seed,
         path=spec.path, name=spec.name, revision=spec.revision, data_files=spec.data_files, split=spec.split,
         image_column=spec.image_column, caption_column=spec.caption_column, image_id_column=spec.image_id_column,
         label_column=spec.label_column, max_samples=spec.max_samples,
@@ -277,16 +293,26 @@ def build_datasets(cfg: RecipeConfig, tokenizer, max_text_length: int, accelerat
     specs = {"data.train": cfg.data.train, "data.eval.target": cfg.data.eval.target}
     if cfg.data.eval.source is not None:
         specs["data.eval.source"] = cfg.data.eval.source
+    for i, spec in enumerate(cfg.data.replay):
+        specs[f"data.replay.{i}"] = spec
     with accelerator.main_process_first():  # the main process fills the datasets cache first
-        loaded = {key: load_image_text_dataset(key=key, **dataset_arguments(spec)) for key, spec in specs.items()}
+        loaded = {
+            key: load_image_text_dataset(
+                # Replay rows are unlabelled: class-aware options are about data.train's classes.
+                key=key, **{**dataset_arguments(spec, cfg.train.seed), **({"label_column": None} if key.startswith("data.replay") else {})},
+            )
+            for key, spec in specs.items()
+        }
     for key, pairs in loaded.items():
         count, example = count_truncated_captions(tokenizer, pairs["caption"], max_text_length)
         if count:
             accelerator.print(format_truncation_warning(key, count, len(pairs), example, max_text_length, tokenizer.model_max_length))
-    train_pairs = loaded.pop("data.train")
+    replay = [loaded.pop(f"data.replay.{i}") for i in range(len(cfg.data.replay))]
+    train_pairs = build_training_set(cfg, loaded.pop("data.train"), replay)
     eval_sets = {key.rsplit(".", 1)[1]: RetrievalSet.from_pairs(pairs) for key, pairs in loaded.items()}
+    replayed = "".join(f" + replay {i}: {size} pairs, {100 * f:g}% of each epoch" for i, (_, size, f) in enumerate(train_pairs.replay_parts))
     accelerator.print(
-        f"Train: {len(train_pairs)} caption-image pairs. Eval: "
+        f"Train: {train_pairs.num_primary} caption-image pairs{replayed}. Eval: "
         + ", ".join(f"{k} {v.num_images} images / {len(v.captions)} captions" for k, v in eval_sets.items())
     )
     for name, note in eval_set_notes(eval_sets).items():
@@ -294,9 +320,31 @@ def build_datasets(cfg: RecipeConfig, tokenizer, max_text_length: int, accelerat
     return train_pairs, eval_sets
 
 
+def class_prompts(cfg: RecipeConfig) -> dict[str, tuple[list[str], dict[str, str] | None]]:
+    """{eval set: (templates, label_names)} for label-aware evaluation; the bare label without templates."""
+    sets = {"target": cfg.data.eval.target, "source": cfg.data.eval.source}
+    return {
+        name: (spec.caption_templates or ["{label}"], spec.label_names) for name, spec in sets.items() if spec is not None
+    }
+
+
+def instance_recall_misleads(eval_sets: dict[str, RetrievalSet]) -> list[str]:
+    """Labelled sets where most captions repeat another's text (label-only sets): lead with class-level numbers."""
+    return [
+        name for name, rset in eval_sets.items()
+        if rset.labels is not None and duplicate_caption_texts(rset.captions)["duplicate_captions"] > len(rset.captions) / 2
+    ]
+
+
 def eval_set_notes(eval_sets: dict[str, RetrievalSet]) -> dict[str, str]:
     """Per eval set, what a reader of its numbers should know (duplicate caption texts tie exactly)."""
-    return {name: describe_duplicate_captions(duplicate_caption_texts(rset.captions)) for name, rset in eval_sets.items()}
+    notes = {name: describe_duplicate_captions(duplicate_caption_texts(rset.captions)) for name, rset in eval_sets.items()}
+    for name in instance_recall_misleads(eval_sets):
+        notes[name] += (
+            " Most captions repeat another's text (one per class, as in a label-only set), so instance recall "
+            "misleads here: read the class-level rows (classification, class_retrieval, long_tail) first."
+        )
+    return notes
 
 
 def zero_shot_results(model, evaluate, eval_sets, out: Path, checkpoint: Path | None, accelerator) -> dict:
@@ -339,14 +387,14 @@ def build_model(cfg: RecipeConfig, model, accelerator: Accelerator):
     return model
 
 
-def build_loss(cfg: RecipeConfig) -> torch.nn.Module:
-    return ClipInfoNCE()
+def build_loss(cfg: RecipeConfig, train_pairs: TrainingSet) -> torch.nn.Module:
+    return ClipInfoNCE(same_label_negatives=cfg.loss.same_label_negatives, class_weights=build_class_weights(cfg, train_pairs))
 
 
-def build_train_loader(cfg: RecipeConfig, train_pairs, processor, max_text_length: int):
-    sampler = EpochShuffleSampler(len(train_pairs), cfg.train.seed)
+def build_train_loader(cfg: RecipeConfig, train_pairs: TrainingSet, processor, max_text_length: int):
+    sampler = build_sampler(cfg, train_pairs)
     loader = DataLoader(
-        train_pairs,
+        training_dataset(cfg, train_pairs),
         batch_size=cfg.train.batch_size,
         sampler=sampler,
         collate_fn=ImageTextCollator(processor, max_text_length),
@@ -469,7 +517,10 @@ def truncate_log(path: Path, step: int) -> None:
 # ----------------------------------------------------------------------------- artifacts
 
 
-def write_artifacts(cfg, accelerator, model, processor, results, state: TrainerState, skipped_eval, eval_sets, out: Path) -> None:
+def write_artifacts(
+    cfg, accelerator, model, processor, results, state: TrainerState, skipped_eval, eval_sets, out: Path,
+    negatives_per_pair: float | None = None,
+) -> None:
     """Adapter + processor (+ extra trained tensors), results JSON/markdown/PNG, model cards."""
     if not accelerator.is_main_process:
         return
@@ -480,8 +531,9 @@ def write_artifacts(cfg, accelerator, model, processor, results, state: TrainerS
     if extra:
         save_file({k: v.cpu() for k, v in extra.items()}, adapter_dir / EXTRA_TRAINABLES_FILE)
     notes = eval_set_notes(eval_sets)
-    files = write_results(results, out / "eval", set_notes=notes)
-    table = format_results_table(results)
+    lead = instance_recall_misleads(eval_sets)
+    files = write_results(results, out / "eval", set_notes=notes, lead_with_classes=lead)
+    table = format_results_table(results, lead_with_classes=lead)
     accelerator.print("\n" + table)
     accelerator.print(f"Wrote {files['json']}, {files['md']}, {files['png']}")
     if state.skipped_images or any(skipped_eval.values()):
@@ -492,6 +544,7 @@ def write_artifacts(cfg, accelerator, model, processor, results, state: TrainerS
         write_model_card(
             card, cfg=cfg, results_table=table, trainable=trainable_parameters_by_tower(model), steps=state.step,
             train_seconds=state.train_seconds, num_processes=accelerator.num_processes, set_notes=notes,
+            negatives_per_pair=negatives_per_pair,
         )
     accelerator.print(f"Adapter: {adapter_dir}  (load with finetune.model.load_adapted({str(out)!r}) or plain PEFT)")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ def demo_overrides(tiny_clip_dir, out: Path, steps: int = 4) -> list[str]:
         "data.train.synthetic.num_images=24",
         "data.eval.target.synthetic.num_images=12",
         "data.eval.source.synthetic.num_images=12",
+        "data.replay=[{synthetic: {domain: source, num_images: 8, seed: 2}, fraction: 0.25}]",  # the demo's replay, small
         "optim.warmup_steps=1",
         *SMALL,
     ]
@@ -55,10 +57,14 @@ def assert_run_artifacts(out: Path, sets: set[str], steps: int) -> dict:
     for phase in results.values():
         assert set(phase) == sets
         for directions in phase.values():
-            assert set(directions) == {"t2i", "i2t"}
-            for metrics in directions.values():
+            # sets with a label column add the class-level keys
+            assert set(directions) - {"classification", "class_retrieval", "long_tail", "per_class"} == {"t2i", "i2t"}
+            for direction in ("t2i", "i2t"):
+                metrics = directions[direction]
                 assert set(metrics) == {"R@1", "R@5", "R@10", "mean_rank", "median_rank"}
                 assert 0.0 <= metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"] <= 100.0
+            if "classification" in directions:
+                assert 0.0 <= directions["classification"]["top1"] <= directions["classification"]["top5"] <= 100.0
     assert (out / "eval" / "results.md").read_text().startswith("# Retrieval")
     assert (out / "eval" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -70,7 +76,8 @@ def test_demo_recipe_end_to_end(tiny_clip_dir, tmp_path, capsys):
     out = tmp_path / "demo"
     assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, out)]) == 0
     assert_run_artifacts(out, {"target", "source"}, steps=4)
-    assert "| target | t2i       | R@1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert re.search(r"\| target \| t2i +\| R@1 ", printed) and re.search(r"\| target \| classification +\| top1 ", printed)
     # the saved adapter loads through plain PEFT
     model = PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_dir), out / "adapter")
     assert any("lora_A" in n for n, _ in model.named_parameters())
@@ -139,6 +146,7 @@ class SimulatedKill(Exception):
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_clip_dir, tmp_path, monkeypatch, capsys):
+    # Without replay (the resume test with replay and long-tail sampling is in test_labels_e2e.py):
     # 24 images x 2 captions / batch 8 = 6 batches an epoch: the cut after step 9 lies inside epoch 1,
     # so resuming from the step-8 checkpoint must replay epoch 1's order and skip the 2 batches seen.
     saved_steps = []
@@ -150,7 +158,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_clip_dir, tmp_
 
     monkeypatch.setattr(train, "save_checkpoint", recording_save)
     full = tmp_path / "full"
-    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, full, steps=10)]) == 0
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, full, steps=10), "data.replay=[]"]) == 0
     assert saved_steps == [2, 4, 6, 8, 10]  # the final checkpoint is the periodic one, written once
     AcceleratorState._reset_state(True)
 
@@ -167,7 +175,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_clip_dir, tmp_
 
     monkeypatch.setattr(train, "append_log", log_then_die)
     with pytest.raises(SimulatedKill):
-        train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10)])
+        train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), "data.replay=[]"])
     monkeypatch.setattr(train, "append_log", real_append)
     AcceleratorState._reset_state(True)
     assert latest_checkpoint(cut / "checkpoints").name == "step-00000008"
@@ -176,14 +184,14 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_clip_dir, tmp_
     # A resume that would not be exact is refused, naming what changed; nothing is touched.
     capsys.readouterr()
     changed = ["train.batch_size=4", "optim.lr=0.5"]
-    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), "train.resume_from=latest", *changed]) == 2
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), "data.replay=[]", "train.resume_from=latest", *changed]) == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "train.batch_size: 8 -> 4" in err and "optim.lr: 0.002 -> 0.5" in err
     AcceleratorState._reset_state(True)
 
     # Logging cadence may change freely; the resume continues exactly.
     saved_steps.clear()
-    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), "train.resume_from=latest"]) == 0
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), "data.replay=[]", "train.resume_from=latest"]) == 0
     assert saved_steps == [10]
     assert not (cut / "checkpoints" / ".tmp-step-00000010").exists()
     assert read_trainer_state(latest_checkpoint(cut / "checkpoints"))["step"] == 10
@@ -281,6 +289,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_clip_dir, tm
         "data.train.synthetic.num_images=40",
         "data.eval.target.synthetic.num_images=8",
         "data.eval.source.synthetic.num_images=8",
+        "data.replay=[{synthetic: {domain: source, num_images: 8, seed: 2}, fraction: 0.25}]",  # the mix shards too
         "eval.zero_shot=false",
         "data.num_workers=0",
     ]
@@ -335,11 +344,10 @@ def write_parquet_split(folder: Path, n: int, corrupt, seed: int = 5) -> Path:
 def local_data_overrides(model_dir, train_dir, eval_dir, out: Path) -> list[str]:
     return [
         f"model.name_or_path={model_dir}",
-        "data.train.synthetic=null",
-        f"data.train.path={train_dir}",
-        "data.eval.target.synthetic=null",
-        f"data.eval.target.path={eval_dir}",
+        f"data.train={{path: {train_dir}}}",  # whole specs: no label column, no templates
+        f"data.eval.target={{path: {eval_dir}}}",
         "data.eval.source=null",
+        "data.replay=[]",
         f"train.output_dir={out}",
         "data.num_workers=0",
     ]
@@ -499,7 +507,7 @@ def test_a_loss_with_its_own_parameter_is_optimised_and_checkpointed(tiny_clip_d
             terms["bias_penalty"] = self.bias ** 2
             return terms
 
-    monkeypatch.setattr(train, "build_loss", lambda cfg: InfoNCEWithBias())
+    monkeypatch.setattr(train, "build_loss", lambda cfg, train_pairs: InfoNCEWithBias())
     out = tmp_path / "bias"
     assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, out, steps=4)]) == 0
     ckpt = latest_checkpoint(out / "checkpoints")

@@ -1,0 +1,85 @@
+"""The training data as the loop sees it: data.train plus any replay sets, class ids, the sampler and
+the class weights, each built from the recipe by a thin builder that hands plain arguments to
+data_tools (`ClassPowerSampler(labels, power, ...)`, `class_weights(labels, method, beta)`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+import torch
+
+from data_tools.class_weights import class_weights
+from data_tools.mixing import class_vocabulary, concatenate_training_sets
+from data_tools.sampling import (
+    ClassPowerSampler,
+    EpochSampler,
+    EpochShuffleSampler,
+    MixtureSampler,
+    RepeatFactorSampler,
+    class_counts,
+)
+from data_tools.templates import EpochCaptions
+from finetune.config import RecipeConfig
+
+
+@dataclass
+class TrainingSet:
+    """data.train's rows first, then each replay set's; `labels` are data.train's (None without a label column)."""
+
+    pairs: datasets.Dataset
+    num_primary: int  # rows of data.train
+    replay_parts: list[tuple[int, int, float]]  # (offset, rows, fraction) per data.replay entry
+    labels: list[str] | None  # (num_primary,)
+    vocabulary: list[str] | None  # class id -> label
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def class_counts(self) -> dict[str, int] | None:
+        """Training pairs per class of data.train (what head / medium / tail are measured against)."""
+        return class_counts(self.labels) if self.labels is not None else None
+
+
+def build_training_set(cfg: RecipeConfig, primary: datasets.Dataset, replay: list[datasets.Dataset]) -> TrainingSet:
+    labels = [str(v) for v in primary["label"]] if "label" in primary.column_names else None
+    vocabulary = class_vocabulary(labels) if labels is not None else None
+    try:
+        pairs, ranges = concatenate_training_sets(primary, replay, vocabulary)
+    except ValueError as exc:
+        from data_tools.loading import DataLoadError
+
+        raise DataLoadError(str(exc)) from None
+    parts = [(offset, size, spec.fraction) for (offset, size), spec in zip(ranges, cfg.data.replay)]
+    return TrainingSet(pairs=pairs, num_primary=len(primary), replay_parts=parts, labels=labels, vocabulary=vocabulary)
+
+
+def build_sampler(cfg: RecipeConfig, train: TrainingSet) -> EpochSampler:
+    """The recipe's `sampling:` over data.train, mixed with the replay sets by fraction."""
+    s, seed = cfg.sampling, cfg.train.seed
+    if s.kind == "uniform":
+        sampler: EpochSampler = EpochShuffleSampler(train.num_primary, seed)
+    elif s.kind == "repeat_factor":
+        sampler = RepeatFactorSampler(train.labels, s.repeat_threshold, seed)
+    else:
+        power = 0.0 if s.kind == "class_balanced" else s.power
+        sampler = ClassPowerSampler(train.labels, power, train.num_primary, seed)
+    if train.replay_parts:
+        sampler = MixtureSampler(sampler, train.replay_parts, seed)
+    return sampler
+
+
+def build_class_weights(cfg: RecipeConfig, train: TrainingSet) -> torch.Tensor | None:
+    """(C,) weight per class id, or None for loss.class_weights=none."""
+    if cfg.loss.class_weights == "none":
+        return None
+    weights = class_weights(train.labels, cfg.loss.class_weights, cfg.loss.class_weight_beta)
+    return torch.tensor([weights[c] for c in train.vocabulary], dtype=torch.float32)
+
+
+def training_dataset(cfg: RecipeConfig, train: TrainingSet):
+    """What the DataLoader indexes: the pairs, with label-only rows drawing a template per epoch."""
+    if "caption_choices" in train.pairs.column_names:
+        return EpochCaptions(train.pairs, cfg.train.seed)
+    return train.pairs
