@@ -32,7 +32,7 @@ from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from PIL import Image, UnidentifiedImageError
 
-from data_tools.synthetic import generate_domain
+from data_tools.multilingual import generate_synthetic
 
 
 class DataLoadError(RuntimeError):
@@ -141,7 +141,7 @@ def load_image_text_dataset(
 def _load_raw(key: str, path, name, revision, data_files, split: str, synthetic: dict | None) -> tuple[datasets.Dataset, str]:
     if synthetic is not None:
         raw = datasets.Dataset.from_dict(
-            generate_domain(**synthetic),
+            generate_synthetic(**synthetic),  # generate_domain, captions translated when asked
             features=datasets.Features(
                 {
                     "image": datasets.Image(),
