@@ -28,7 +28,6 @@ from transformers import (
     CLIPConfig,
     CLIPModel,
     CLIPProcessor,
-    PretrainedConfig,
     VisionTextDualEncoderConfig,
     VisionTextDualEncoderModel,
     VisionTextDualEncoderProcessor,
@@ -109,7 +108,3 @@ def build_text_tower_swap(
     processor = VisionTextDualEncoderProcessor(image_processor=clip_processor.image_processor, tokenizer=tokenizer)
     return model.eval(), processor
 
-
-def text_position_limit(config: PretrainedConfig) -> int:
-    """Longest caption, in tokens, a CLIP text tower reads (the teacher's limit when scoring English)."""
-    return config.text_config.max_position_embeddings
