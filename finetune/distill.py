@@ -186,6 +186,10 @@ def distill_text_tower(
     progress.close()
 
     student = accelerator.unwrap_model(tower).model
+    # Stage 2 prepares its own model and optimizer: stage 1's must not stay registered, or its checkpoints
+    # would hold (and a resume, which skips stage 1, would miss) a second model. Accelerate's call for this.
+    del tower, optimizer, loader
+    accelerator.free_memory()
     if settings.text_training == "lora":
         student = student.merge_and_unload()
     for param in student.parameters():

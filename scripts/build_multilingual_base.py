@@ -25,12 +25,15 @@ from transformers import XLMRobertaConfig, XLMRobertaModel
 from data_tools.multilingual import all_multilingual_caption_text, train_xlmr_tokenizer
 
 
-def build_tiny_xlmr(vocab_size: int, width: int, layers: int, max_length: int, seed: int):
-    """(XLMRobertaModel, XLMRobertaTokenizer) fitted to the synthetic multilingual captions."""
+def build_tiny_xlmr(vocab_size: int, width: int, layers: int, max_length: int, seed: int, dropout: float = 0.1):
+    """(XLMRobertaModel, XLMRobertaTokenizer) fitted to the synthetic multilingual captions.
+
+    `dropout` is XLM-R's hidden and attention dropout (0.1 in xlm-roberta-base).
+    """
     tokenizer = train_xlmr_tokenizer(all_multilingual_caption_text(), vocab_size, max_length)
     config = XLMRobertaConfig(
         vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2, num_hidden_layers=layers,
-        num_attention_heads=max(1, width // 16),
+        num_attention_heads=max(1, width // 16), hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
         # RoBERTa positions start after the padding index: max_length usable positions need two more.
         max_position_embeddings=max_length + tokenizer.pad_token_id + 1,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -68,3 +68,44 @@ def test_multilingual_demo_end_to_end(tiny_clip_dir, tiny_xlmr_dir, tmp_path, ca
     for direction in ("t2i", "i2t"):
         for metric, value in results["adapted"]["zh"][direction].items():
             assert again["zh"][direction][metric] == pytest.approx(value, abs=1e-6), (direction, metric)
+
+
+class SimulatedKill(RuntimeError):
+    pass
+
+
+def test_a_resumed_swap_run_continues_on_the_saved_base_without_distilling_again(tiny_clip_dir, tiny_xlmr_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import finetune.distill as distill
+
+    steps = ["train.max_steps=4", "train.checkpoint_every_steps=2"]
+    full = tmp_path / "full"
+    assert train.main(["recipes/multilingual_demo.yaml", *overrides(tiny_clip_dir, tiny_xlmr_dir, full), *steps]) == 0
+    AcceleratorState._reset_state(True)
+
+    cut = tmp_path / "cut"
+    real_append = train.append_log
+
+    def log_then_die(path, record):
+        real_append(path, record)
+        if record.get("step") == 3:
+            raise SimulatedKill(3)
+
+    monkeypatch.setattr(train, "append_log", log_then_die)
+    with pytest.raises(SimulatedKill):
+        train.main(["recipes/multilingual_demo.yaml", *overrides(tiny_clip_dir, tiny_xlmr_dir, cut), *steps])
+    monkeypatch.setattr(train, "append_log", real_append)
+    AcceleratorState._reset_state(True)
+
+    def no_second_stage_one(*args, **kwargs):
+        raise AssertionError("a resumed run must not distil again")
+
+    monkeypatch.setattr(distill, "distill_text_tower", no_second_stage_one)
+    assert train.main(["recipes/multilingual_demo.yaml", *overrides(tiny_clip_dir, tiny_xlmr_dir, cut), *steps, "train.resume_from=latest"]) == 0
+    a = load_file(full / "adapter" / "adapter_model.safetensors")
+    b = load_file(cut / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    assert json.loads((cut / "eval" / "results.json").read_text())["distilled"] == json.loads((full / "eval" / "results.json").read_text())["distilled"]
