@@ -36,7 +36,7 @@ from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from PIL import Image, UnidentifiedImageError
 
-from data_tools.synthetic import generate_domain
+from data_tools.multilingual import generate_synthetic
 
 
 class DataLoadError(RuntimeError):
@@ -160,7 +160,7 @@ def _load_raw(
 ) -> tuple[datasets.Dataset, str]:
     if synthetic is not None:
         raw = datasets.Dataset.from_dict(
-            generate_domain(**synthetic),
+            generate_synthetic(**synthetic),  # generate_domain, captions translated when asked
             features=datasets.Features(
                 {
                     "image": datasets.Image(),

@@ -99,20 +99,35 @@ def write_model_card(
     for spec in cfg.data.replay:
         longtail.append(f"replay {100 * spec.fraction:g}% of {_dataset_name(spec)}")
     notes = f"\n{format_set_notes(set_notes)}\n" if set_notes else ""
+    title = base
+    languages = "".join(f"- eval ({code}): {_dataset_name(spec)}\n" for code, spec in (cfg.data.eval.languages or {}).items())
+    use = (
+        "from transformers import CLIPModel, CLIPProcessor\n\n"
+        f'model = PeftModel.from_pretrained(CLIPModel.from_pretrained("{base}"), "adapter")\n'
+        'processor = CLIPProcessor.from_pretrained("adapter")'
+    )
+    if cfg.model.text_tower is not None:  # the adapter sits on the run's saved dual encoder, not on `base`
+        swap = "distilled, then " if cfg.distill is not None else ""
+        title = f"{base} + {cfg.model.text_tower} ({swap}saved in the run's base_model/)"
+        use = (
+            "from transformers import VisionTextDualEncoderModel, VisionTextDualEncoderProcessor\n\n"
+            'model = PeftModel.from_pretrained(VisionTextDualEncoderModel.from_pretrained("base_model"), "adapter")\n'
+            'processor = VisionTextDualEncoderProcessor.from_pretrained("adapter")'
+        )
     front = {"library_name": "peft", "base_model": base, "tags": ["clip", "lora", "image-text-retrieval"]}
     text = f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
 
-# LoRA adapter for `{base}`
+# LoRA adapter for `{title}`
 
 Adapted for image-text retrieval with symmetric InfoNCE, LoRA on both towers.
 
 ## Data
 - train: {_dataset_name(cfg.data.train)}
-- eval (target): {_dataset_name(cfg.data.eval.target)}
+- eval (target): {_dataset_name(cfg.data.eval.target) if cfg.data.eval.target else "none"}
 - eval (source, retention): {_dataset_name(cfg.data.eval.source) if cfg.data.eval.source else "none"}
-- {"; ".join(longtail)}
+{languages}- {"; ".join(longtail)}
 
 ## Adapters
 {chr(10).join(towers)}
@@ -134,10 +149,7 @@ random order of the tied candidates.
 ## Use
 ```python
 from peft import PeftModel
-from transformers import CLIPModel, CLIPProcessor
-
-model = PeftModel.from_pretrained(CLIPModel.from_pretrained("{base}"), "adapter")
-processor = CLIPProcessor.from_pretrained("adapter")
+{use}
 ```
 """
     atomic_write_text(path, text)

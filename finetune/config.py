@@ -72,6 +72,11 @@ class ModelConfig(Section):
     train_projections: bool = Field(
         default=False, description="Fully train visual_projection and text_projection (saved with the adapter)."
     )
+    text_tower: HubIdOrPath | None = Field(
+        default=None,
+        description="Swap the text tower for this encoder (hub id or folder, e.g. xlm-roberta-base): a vision + text "
+        "dual encoder keeping model.name_or_path's vision tower, visual projection and temperature.",
+    )
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -106,6 +111,19 @@ class SyntheticSpec(Section):
     captions_per_image: int = Field(default=1, gt=0, description="Captions per image (paraphrases).")
     image_size: int = Field(default=32, ge=16, description="Generated image side in pixels.")
     seed: int = Field(default=0, description="Same seed, same dataset.")
+    languages: list[str] = Field(
+        default_factory=lambda: ["en"], min_length=1,
+        description="Caption languages (ISO 639-1: en, de, es, zh); other than en, source domain only.",
+    )
+
+    @model_validator(mode="after")
+    def known_languages(self) -> "SyntheticSpec":
+        from data_tools.multilingual import check_languages
+
+        check_languages(self.languages)
+        if self.languages != ["en"] and self.domain != "source":
+            raise ValueError(f"languages {self.languages} need domain: source (the only domain with translations)")
+        return self
 
 
 class DatasetSpec(Section):
@@ -191,10 +209,26 @@ class ReplaySpec(DatasetSpec):
 
 
 class EvalSetsConfig(Section):
-    target: DatasetSpec = Field(description="The domain you adapt to: zero-shot vs adapted is measured here.")
+    target: DatasetSpec | None = Field(
+        default=None, description="The domain you adapt to: zero-shot vs adapted is measured here."
+    )
     source: DatasetSpec | None = Field(
         default=None, description="Optional retention set from the original domain, to see what adaptation costs."
     )
+    languages: dict[str, DatasetSpec] | None = Field(
+        default=None,
+        description="One eval set per language, keyed by ISO 639-1 code (en, de, zh...); results.json uses the "
+        "codes as set names. With model.text_tower, `en` is also scored by the original CLIP text tower.",
+    )
+
+    @model_validator(mode="after")
+    def some_eval_set(self) -> "EvalSetsConfig":
+        if self.target is None and not self.languages:
+            raise ValueError("set data.eval.target or data.eval.languages: nothing would be evaluated")
+        clash = sorted({"target", "source"} & set(self.languages or {}))
+        if clash:
+            raise ValueError(f"data.eval.languages: {clash} are names of the other eval sets; use ISO codes")
+        return self
 
 
 class DataConfig(Section):
@@ -361,6 +395,70 @@ class ExportConfig(Section):
         if not value.startswith("R@") or not value[2:].isdigit():
             raise ValueError(f"must be a recall like R@1, got {value!r}")
         return value
+class ParallelSyntheticSpec(Section):
+    domain: Literal["source"] = Field(default="source", description="Domain whose captions are generated in parallel.")
+    num_samples: int = Field(gt=0, description="Parallel rows (one concept and template each).")
+    seed: int = Field(default=0, description="Same seed, same rows.")
+    languages: list[str] = Field(
+        default_factory=lambda: ["en", "de", "es", "zh"], min_length=1, description="Columns generated (ISO codes)."
+    )
+
+    @model_validator(mode="after")
+    def known_languages(self) -> "ParallelSyntheticSpec":
+        from data_tools.multilingual import check_languages
+
+        check_languages(self.languages)
+        if "en" not in self.languages:
+            raise ValueError("languages must include en: the teacher embeds the English caption")
+        return self
+
+
+class ParallelTextSpec(Section):
+    """Parallel text for distillation: an English caption and its translations, one row per caption."""
+
+    path: HubIdOrPath | None = Field(default=None, description="load_dataset path of a parallel-text dataset.")
+    name: str | None = Field(default=None, description="Dataset configuration name.")
+    revision: str | None = Field(default=None, description="Hub revision to pin.")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(default=None, description="Files for a builder path.")
+    split: str = Field(default="train", description="Split, slicing allowed.")
+    english_column: str = Field(default="en", description="Column with the English caption (the teacher's input).")
+    text_columns: list[str] = Field(
+        default_factory=lambda: ["de", "es", "zh"], min_length=1,
+        description="Columns with translations (the student's inputs), each mapped to the English caption's embedding.",
+    )
+    include_english: bool = Field(default=True, description="Also teach English -> English (keeps English retrieval).")
+    max_samples: int | None = Field(default=None, gt=0, description="Keep the first N rows.")
+    synthetic: ParallelSyntheticSpec | None = Field(
+        default=None, description="Generate parallel captions of the demo's source domain (columns = languages)."
+    )
+
+    @model_validator(mode="after")
+    def path_xor_synthetic(self) -> "ParallelTextSpec":
+        if (self.path is None) == (self.synthetic is None):
+            raise ValueError("set exactly one of `path` (a dataset to load) and `synthetic` (generated parallel text)")
+        return self
+
+
+class DistillConfig(Section):
+    """Stage 1 (M-CLIP style): the swapped text tower learns to map a caption in any language to the original
+    CLIP text tower's embedding of its English caption. Text only; the vision tower is never touched."""
+
+    data: ParallelTextSpec
+    text_training: Literal["full", "lora"] = Field(
+        default="full", description="full: every text-tower weight trains; lora: LoRA with lora.text.* (merged after)."
+    )
+    mse_weight: float = Field(default=1.0, ge=0, description="Weight of the MSE to the teacher's embedding (M-CLIP's loss).")
+    cosine_weight: float = Field(default=0.0, ge=0, description="Weight of 1 - cosine to the teacher's embedding.")
+    lr: float = Field(default=1e-4, gt=0, description="Peak learning rate (optim.* supplies betas, eps, decay, schedule).")
+    batch_size: int = Field(default=64, gt=0, description="Captions per process and step.")
+    max_steps: int = Field(gt=0, description="Optimizer steps of stage 1.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup in optimizer steps.")
+
+    @model_validator(mode="after")
+    def some_loss(self) -> "DistillConfig":
+        if self.mse_weight == 0 and self.cosine_weight == 0:
+            raise ValueError("distill.mse_weight and distill.cosine_weight are both 0: nothing to learn")
+        return self
 
 
 class RecipeConfig(Section):
@@ -375,6 +473,17 @@ class RecipeConfig(Section):
     train: TrainConfig = Field(default_factory=dict)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    distill: DistillConfig | None = Field(
+        default=None, description="Stage 1 before contrastive training: distil the original text tower into model.text_tower."
+    )
+
+    @model_validator(mode="after")
+    def distill_needs_text_tower(self) -> "RecipeConfig":
+        if self.distill is not None and self.model.text_tower is None:
+            raise ValueError(
+                "distill needs model.text_tower: the student is that encoder, the teacher model.name_or_path's own text tower"
+            )
+        return self
 
     @model_validator(mode="after")
     def some_tower_trains(self) -> "RecipeConfig":

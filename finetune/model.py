@@ -239,7 +239,12 @@ def load_adapted(run_dir: str | os.PathLike, *, adapter_subdir: str = "adapter")
     adapter = run_dir / adapter_subdir
     if not (adapter / "adapter_config.json").is_file():
         raise ModelLoadError(f"{adapter} holds no adapter_config.json: is {run_dir} a finished run folder?")
-    base, _ = load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    if cfg.model.text_tower is not None:  # a swapped text tower: the run saved its (distilled) base model
+        from finetune.distill import BASE_MODEL_DIR
+
+        base, _ = load_model(str(run_dir / BASE_MODEL_DIR), None, cfg.model.trust_remote_code)
+    else:
+        base, _ = load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     processor = architecture_for(base.config).processor_class.from_pretrained(adapter)
     model = PeftModel.from_pretrained(base, adapter)
     extra = adapter / EXTRA_TRAINABLES_FILE

@@ -22,7 +22,7 @@ import torch
 
 from finetune.io import atomic_open, atomic_write_text
 
-__all__ = ["describe_duplicate_captions", "format_results_table", "format_set_notes", "write_results"]
+__all__ = ["describe_duplicate_captions", "format_language_table", "format_results_table", "format_set_notes", "write_results"]
 
 # Orders used for tables and plots: target first (what we adapt to), then source (what we must not
 # forget); text->image before image->text. Unknown names follow, sorted, so nothing is dropped.
@@ -97,6 +97,52 @@ def format_results_table(
         for w, right in zip(widths, right_aligned)
     ) + "|"
     return "\n".join([line(header), rule, *(line(row) for row in body)])
+
+
+def format_language_table(
+    results: Mapping[str, Any], languages: Sequence[str], reference: str | None = None, reference_language: str = "en",
+) -> str:
+    """Per-language retrieval, one row per (language, model): t2i and i2t R@K side by side.
+
+    ``languages`` are eval-set names (ISO codes). The last model in ``results`` is the final one: a
+    ``gap`` column gives its text->image R@1 minus the reference language's, and ``reference`` (a model
+    scored on the reference language only, e.g. the original CLIP text tower) appears as its own rows.
+    """
+    _check_results(results)
+    names = list(results)
+    final = names[-1]
+    ks = sorted(
+        {m for lang in languages for n in names for m in _metrics_of(results, n, lang, "t2i") if _RECALL_RE.match(m)},
+        key=_metric_sort_key,
+    )
+    header = ["lang", "model", *(f"t2i {k}" for k in ks), *(f"i2t {k}" for k in ks), f"t2i R@1 vs {reference_language}"]
+    base_r1 = _lookup(results, final, reference_language, "t2i", "R@1")
+    body = []
+    for lang in languages:
+        for name in names:
+            if lang not in results[name]:
+                continue
+            row = [lang, _label(name)]
+            row += [_fmt(_lookup(results, name, lang, d, k)) for d in ("t2i", "i2t") for k in ks]
+            r1 = _lookup(results, name, lang, "t2i", "R@1")
+            gap = None if name != final or base_r1 is None or r1 is None or name == reference else float(r1) - float(base_r1)
+            if name == reference and base_r1 is not None and r1 is not None:
+                gap = float(base_r1) - float(r1)  # the final model's English minus the original tower's: retention
+            row.append(_fmt(gap, signed=True) if gap is not None else "")
+            body.append(row)
+    widths = [max(3, max(len(r[i]) for r in [header, *body])) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |" for r in [header, *body]]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    note = (
+        f"\n\nLast column: for {_label(final)}, its text->image R@1 minus its own on {reference_language}; on the "
+        f"{_label(reference)} row, {_label(final)}'s {reference_language} R@1 minus the original text tower's (retention)."
+        if reference in results else f"\n\nLast column: {_label(final)}'s text->image R@1 minus its own on {reference_language}."
+    )
+    return "\n".join(lines) + note
+
+
+def _metrics_of(results: Mapping[str, Any], model: str, eval_set: str, direction: str) -> list[str]:
+    return list(((results.get(model) or {}).get(eval_set) or {}).get(direction) or {})
 
 
 def describe_duplicate_captions(stats: Mapping[str, Any]) -> str:

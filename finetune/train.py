@@ -49,6 +49,7 @@ from finetune.checkpoint import (  # noqa: E402
 )
 from finetune.collate import ImageTextCollator, count_truncated_captions, format_truncation_warning  # noqa: E402
 from finetune.config import ConfigError, DatasetSpec, LoraTowerConfig, RecipeConfig, load_config, save_config  # noqa: E402
+from finetune.distill import REFERENCE, DistillError, text_swap_stages  # noqa: E402
 from finetune.evaluate import evaluate_retrieval  # noqa: E402
 from finetune.io import atomic_write_text  # noqa: E402
 from finetune.losses import ClipInfoNCE  # noqa: E402
@@ -67,7 +68,7 @@ from finetune.model import (  # noqa: E402
     set_image_size,
     trainable_parameters_by_tower,
 )
-from finetune.report import describe_duplicate_captions, format_results_table, write_results  # noqa: E402
+from finetune.report import describe_duplicate_captions, format_language_table, format_results_table, write_results  # noqa: E402
 from finetune.step import contrastive_step  # noqa: E402
 from finetune.train_data import (  # noqa: E402
     TrainingSet,
@@ -76,6 +77,7 @@ from finetune.train_data import (  # noqa: E402
     build_training_set,
     training_dataset,
 )
+from finetune.text_swap import TextSwapError, build_text_tower_swap, text_swap_config  # noqa: E402
 from finetune.towers import logit_scale, model_layout  # noqa: E402
 
 
@@ -84,7 +86,7 @@ class TrainingError(RuntimeError):
 
 
 # The toolkit's own errors end the run with one clear line; anything else keeps its traceback.
-TOOLKIT_ERRORS = (ConfigError, ModelLoadError, LoraSetupError, DataLoadError, TrainingError, ResumeError)
+TOOLKIT_ERRORS = (ConfigError, ModelLoadError, LoraSetupError, DataLoadError, TrainingError, ResumeError, TextSwapError, DistillError)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -111,7 +113,7 @@ def run(cfg: RecipeConfig) -> int:
     max_text_length = check_recipe_against_model(cfg)  # config.json only: recipe errors before any work
     out = Path(cfg.train.output_dir)
     checkpoint = prepare_output_dir(cfg, out, accelerator)
-    model, processor = load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    model, processor = build_base_model(cfg)
     set_image_size(processor, cfg.data.image_size)
     train_pairs, eval_sets = build_datasets(cfg, processor.tokenizer, max_text_length, accelerator)
     evaluate = partial(
@@ -120,6 +122,11 @@ def run(cfg: RecipeConfig) -> int:
         class_prompts=class_prompts(cfg), class_counts=train_pairs.class_counts(),
     )
     results = {"zero_shot": zero_shot_results(model, evaluate, eval_sets, out, checkpoint, accelerator)} if cfg.eval.zero_shot else {}
+    if cfg.model.text_tower is not None:  # swapped text tower: original CLIP's English score, stage 1, saved base
+        model, swap_results = text_swap_stages(
+            cfg, model, processor, evaluate=evaluate, eval_sets=eval_sets, out=out, checkpoint=checkpoint, accelerator=accelerator
+        )
+        results.update(swap_results)
 
     model = build_model(cfg, model, accelerator)
     loss_fn = build_loss(cfg, train_pairs)
@@ -131,7 +138,7 @@ def run(cfg: RecipeConfig) -> int:
 
     state = train_loop(
         cfg, accelerator, model, loss_fn, optimizer, scheduler, train_loader, sampler, state, max_steps,
-        evaluate=partial(evaluate, sets={"target": eval_sets["target"]}), out=out,
+        evaluate=partial(evaluate, sets=dict([next(iter(eval_sets.items()))])), out=out,  # target (or the first language)
     )
 
     results["adapted"], skipped_eval = evaluate(accelerator.unwrap_model(model), sets=eval_sets, desc="adapted")
@@ -196,7 +203,8 @@ def train_loop(cfg, accelerator, model, loss_fn, optimizer, scheduler, loader, s
             if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < max_steps:
                 periodic, _ = evaluate(accelerator.unwrap_model(model), desc=f"step {state.step}")
                 if accelerator.is_main_process:
-                    progress.write(f"step {state.step}: target t2i R@1 {periodic['target']['t2i']['R@1']:.2f}")
+                    name, metrics = next(iter(periodic.items()))
+                    progress.write(f"step {state.step}: {name} t2i R@1 {metrics['t2i']['R@1']:.2f}")
                     append_log(log_file, {"step": state.step, "eval": periodic})
             if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
                 pending_skipped = checkpoint(accelerator, cfg, out, state, pending_skipped)
@@ -233,7 +241,10 @@ def build_accelerator(cfg: RecipeConfig) -> Accelerator:
 
 def check_recipe_against_model(cfg: RecipeConfig) -> int:
     """The caption token limit, checked against the model's config before weights or data are loaded."""
-    config = load_model_config(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    if cfg.model.text_tower is not None:
+        config = text_swap_config(cfg.model.name_or_path, cfg.model.text_tower, cfg.model.revision, cfg.model.trust_remote_code)
+    else:
+        config = load_model_config(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     limit = model_layout(config).text_position_limit
     if cfg.data.max_text_length is not None and cfg.data.max_text_length > limit:
         raise ConfigError(
@@ -242,6 +253,14 @@ def check_recipe_against_model(cfg: RecipeConfig) -> int:
              f"model.name_or_path={cfg.model.name_or_path} can read ({limit} tokens); use at most {limit}"],
         )
     return cfg.data.max_text_length or limit
+
+
+def build_base_model(cfg: RecipeConfig):
+    """The checkpoint the recipe names, or CLIP with its text tower swapped for model.text_tower."""
+    if cfg.model.text_tower is None:
+        return load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    set_seed(cfg.train.seed)  # the new text projection's initialisation
+    return build_text_tower_swap(cfg.model.name_or_path, cfg.model.text_tower, cfg.model.revision, cfg.model.trust_remote_code)
 
 
 def prepare_output_dir(cfg: RecipeConfig, out: Path, accelerator: Accelerator) -> Path | None:
@@ -290,11 +309,15 @@ def dataset_arguments(spec: DatasetSpec, seed: int = 0) -> dict:
 
 
 def build_datasets(cfg: RecipeConfig, tokenizer, max_text_length: int, accelerator: Accelerator):
-    specs = {"data.train": cfg.data.train, "data.eval.target": cfg.data.eval.target}
+    specs = {"data.train": cfg.data.train}
+    if cfg.data.eval.target is not None:
+        specs["data.eval.target"] = cfg.data.eval.target
     if cfg.data.eval.source is not None:
         specs["data.eval.source"] = cfg.data.eval.source
     for i, spec in enumerate(cfg.data.replay):
         specs[f"data.replay.{i}"] = spec
+    for code, spec in (cfg.data.eval.languages or {}).items():  # eval sets named by ISO code
+        specs[f"data.eval.languages.{code}"] = spec
     with accelerator.main_process_first():  # the main process fills the datasets cache first
         loaded = {
             key: load_image_text_dataset(
@@ -536,6 +559,10 @@ def write_artifacts(
     table = format_results_table(results, lead_with_classes=lead)
     accelerator.print("\n" + table)
     accelerator.print(f"Wrote {files['json']}, {files['md']}, {files['png']}")
+    if cfg.data.eval.languages:  # per-language view of the same numbers
+        languages = format_language_table(results, list(cfg.data.eval.languages), reference=REFERENCE)
+        atomic_write_text(out / "eval" / "languages.md", languages + "\n")
+        accelerator.print("\n" + languages + f"\nWrote {out / 'eval' / 'languages.md'}")
     if state.skipped_images or any(skipped_eval.values()):
         accelerator.print(f"Skipped unreadable images: train {state.skipped_images}, eval {skipped_eval}")
     if state.skipped_batches:
