@@ -423,6 +423,9 @@ def build_train_loader(cfg: RecipeConfig, train_pairs: TrainingSet, processor, m
         collate_fn=ImageTextCollator(processor, max_text_length),
         drop_last=True,  # equal batches: every step has batch_size x processes negatives
         num_workers=cfg.data.num_workers,
+        # Each new iterator draws a seed for its workers; from its own generator, not the global RNG, so a
+        # resumed run (which starts an iterator mid-epoch) sees the same dropout masks as an uninterrupted one.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
     )
     return loader, sampler
 

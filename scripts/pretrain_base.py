@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from data_tools.synthetic import all_caption_text, generate_domain
 from finetune.losses import ClipInfoNCE
+from finetune.step import contrastive_step
 from finetune.tiny_clip import build_tiny_clip, save_clip_folder
 
 def main(argv=None) -> int:
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     ids = tokens["input_ids"].view(args.images, 3, -1)  # (N, 3, L)
     mask = tokens["attention_mask"].view(args.images, 3, -1)
 
-    loss_fn = ClipInfoNCE(gather_across_processes=False)
+    loss_fn = ClipInfoNCE()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     rng = np.random.default_rng(args.seed)
@@ -72,8 +73,8 @@ def main(argv=None) -> int:
     for _ in (bar := tqdm(range(args.steps), desc="pretrain (source)")):
         rows = torch.from_numpy(rng.choice(args.images, size=args.batch_size, replace=False))
         pick = torch.from_numpy(rng.integers(0, 3, size=args.batch_size))
-        out = model(pixel_values=pixels[rows], input_ids=ids[rows, pick], attention_mask=mask[rows, pick])
-        loss = loss_fn(out.image_embeds, out.text_embeds, model.logit_scale, rows)["contrastive"]
+        batch = {"pixel_values": pixels[rows], "input_ids": ids[rows, pick], "attention_mask": mask[rows, pick], "image_index": rows}
+        loss, _ = contrastive_step(model, batch, loss_fn, gather=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -68,3 +68,19 @@ def test_demo_base_knows_the_source_and_not_the_target():
     results, _ = evaluate_retrieval(model, processor, sets, batch_size=100, max_text_length=32)
     assert results["source"]["t2i"]["R@5"] > 80.0
     assert results["target"]["t2i"]["R@5"] < 20.0
+
+
+def test_the_demo_base_can_be_rebuilt(tmp_path, capsys):
+    """scripts/pretrain_base.py end to end on a few images and steps: a loadable folder, a finite, falling loss."""
+    import json
+
+    from scripts.pretrain_base import main as pretrain
+
+    out = tmp_path / "base"
+    args = ["--out", str(out), "--images", "24", "--steps", "6", "--batch-size", "8", "--width", "32", "--layers", "1", "--vocab-size", "20"]
+    assert pretrain(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["out"] == str(out) and 0 < summary["final_loss"] < 10
+    model = CLIPModel.from_pretrained(out)
+    assert model.config.text_config.hidden_size == 32 and model.config.text_config.num_hidden_layers == 1
+    assert CLIPProcessor.from_pretrained(out).tokenizer("six small circles")["input_ids"][1:-1].count(1) == 0

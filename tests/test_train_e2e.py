@@ -145,6 +145,11 @@ class SimulatedKill(Exception):
     pass
 
 
+# LoRA dropout draws from the global RNG every step: a resume is exact only if nothing else (such as
+# creating a DataLoader iterator) draws from it in between.
+DROPOUT = ["lora.vision.dropout=0.1", "lora.text.dropout=0.1"]
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_clip_dir, tmp_path, monkeypatch, capsys):
     # Without replay (the resume test with replay and long-tail sampling is in test_labels_e2e.py):
     # 24 images x 2 captions / batch 8 = 6 batches an epoch: the cut after step 9 lies inside epoch 1,
@@ -158,7 +163,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_clip_dir, tmp_
 
     monkeypatch.setattr(train, "save_checkpoint", recording_save)
     full = tmp_path / "full"
-    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, full, steps=10), "data.replay=[]"]) == 0
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, full, steps=10), *DROPOUT, "data.replay=[]"]) == 0
     assert saved_steps == [2, 4, 6, 8, 10]  # the final checkpoint is the periodic one, written once
     AcceleratorState._reset_state(True)
 
@@ -175,7 +180,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_clip_dir, tmp_
 
     monkeypatch.setattr(train, "append_log", log_then_die)
     with pytest.raises(SimulatedKill):
-        train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), "data.replay=[]"])
+        train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), *DROPOUT, "data.replay=[]"])
     monkeypatch.setattr(train, "append_log", real_append)
     AcceleratorState._reset_state(True)
     assert latest_checkpoint(cut / "checkpoints").name == "step-00000008"
@@ -184,14 +189,14 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_clip_dir, tmp_
     # A resume that would not be exact is refused, naming what changed; nothing is touched.
     capsys.readouterr()
     changed = ["train.batch_size=4", "optim.lr=0.5"]
-    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), "data.replay=[]", "train.resume_from=latest", *changed]) == 2
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), *DROPOUT, "data.replay=[]", "train.resume_from=latest", *changed]) == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "train.batch_size: 8 -> 4" in err and "optim.lr: 0.002 -> 0.5" in err
     AcceleratorState._reset_state(True)
 
     # Logging cadence may change freely; the resume continues exactly.
     saved_steps.clear()
-    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), "data.replay=[]", "train.resume_from=latest"]) == 0
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), *DROPOUT, "data.replay=[]", "train.resume_from=latest"]) == 0
     assert saved_steps == [10]
     assert not (cut / "checkpoints" / ".tmp-step-00000010").exists()
     assert read_trainer_state(latest_checkpoint(cut / "checkpoints"))["step"] == 10
