@@ -196,6 +196,12 @@ class TrainConfig(Section):
         gt=0,
         description="Averages gradients over micro-batches; it does NOT add negatives to the contrastive loss.",
     )
+    micro_batch_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="Rows embedded with autograd at once (GradCache): memory of micro_batch_size, negatives of "
+        "batch_size. null = the whole batch at once.",
+    )
     max_steps: int | None = Field(default=None, gt=0, description="Optimizer steps to run.")
     epochs: float | None = Field(default=None, gt=0, description="Alternative to max_steps.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
@@ -217,6 +223,15 @@ class TrainConfig(Section):
     def steps_xor_epochs(self) -> "TrainConfig":
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of train.max_steps and train.epochs")
+        return self
+
+    @model_validator(mode="after")
+    def micro_batch_fits_batch(self) -> "TrainConfig":
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            raise ValueError(
+                f"train.micro_batch_size ({self.micro_batch_size}) must be <= train.batch_size ({self.batch_size}): "
+                "it splits the contrastive batch for memory"
+            )
         return self
 
     @model_validator(mode="after")
@@ -263,7 +278,8 @@ class RecipeConfig(Section):
         if self.train.gradient_accumulation_steps > 1:
             warnings.warn(
                 "train.gradient_accumulation_steps > 1 averages gradients but each contrastive loss still sees "
-                f"only train.batch_size={self.train.batch_size} x processes negatives",
+                f"only train.batch_size={self.train.batch_size} x processes negatives; for more negatives in the "
+                "same memory raise train.batch_size and set train.micro_batch_size",
                 stacklevel=2,
             )
         return self

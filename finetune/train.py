@@ -68,7 +68,7 @@ from finetune.model import (  # noqa: E402
     trainable_parameters_by_tower,
 )
 from finetune.report import describe_duplicate_captions, format_results_table, write_results  # noqa: E402
-from finetune.step import contrastive_step  # noqa: E402
+from finetune.step import cached_contrastive_step, plain_step  # noqa: E402
 from finetune.towers import logit_scale, model_layout  # noqa: E402
 
 
@@ -116,12 +116,13 @@ def run(cfg: RecipeConfig) -> int:
     loss_fn = build_loss(cfg)
     train_loader, sampler = build_train_loader(cfg, train_pairs, processor, max_text_length)
     model, train_loader, loss_fn = prepare(accelerator, model, train_loader, loss_fn)
+    step = build_step(cfg, accelerator)
     max_steps = count_max_steps(cfg, train_loader, len(train_pairs), accelerator)
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model, loss_fn, max_steps, accelerator)
     state = resume(accelerator, checkpoint, cfg, out)
 
     state = train_loop(
-        cfg, accelerator, model, loss_fn, optimizer, scheduler, train_loader, sampler, state, max_steps,
+        cfg, accelerator, model, step, loss_fn, optimizer, scheduler, train_loader, sampler, state, max_steps,
         evaluate=partial(evaluate, sets={"target": eval_sets["target"]}), out=out,
     )
 
@@ -135,7 +136,7 @@ def run(cfg: RecipeConfig) -> int:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_loop(cfg, accelerator, model, loss_fn, optimizer, scheduler, loader, sampler, state, max_steps, *, evaluate, out):
+def train_loop(cfg, accelerator, model, step, loss_fn, optimizer, scheduler, loader, sampler, state, max_steps, *, evaluate, out):
     log_file = out / "train_log.jsonl"
     progress = tqdm(total=max_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process)
     last_saved = state.step if state.step else -1  # a resumed run starts on a saved checkpoint
@@ -156,9 +157,8 @@ def train_loop(cfg, accelerator, model, loss_fn, optimizer, scheduler, loader, s
                 continue
             usable += 1
             with accelerator.accumulate(model):
-                loss, terms = contrastive_step(model, batch, loss_fn, gather=cfg.loss.gather_across_processes)
+                loss, terms = step(model, batch, loss_fn)  # forward, loss terms, backward
                 check_finite(loss, terms, state, scheduler)
-                accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if not checked_gradients:
                         check_adapters_get_gradient(model)
@@ -338,6 +338,18 @@ def build_model(cfg: RecipeConfig, model, accelerator: Accelerator):
 
 def build_loss(cfg: RecipeConfig) -> torch.nn.Module:
     return ClipInfoNCE()
+
+
+def build_step(cfg: RecipeConfig, accelerator: Accelerator):
+    """The contrastive step: the whole batch at once, or GradCache's cached step when
+    train.micro_batch_size is set (the same gradients, the activation memory of a micro-batch)."""
+    gather = cfg.loss.gather_across_processes
+    if cfg.train.micro_batch_size is None or cfg.train.micro_batch_size >= cfg.train.batch_size:
+        return partial(plain_step, gather=gather, backward=accelerator.backward)
+    return partial(
+        cached_contrastive_step, gather=gather, micro_batch_size=cfg.train.micro_batch_size,
+        backward=accelerator.backward,
+    )
 
 
 def build_train_loader(cfg: RecipeConfig, train_pairs, processor, max_text_length: int):
