@@ -72,6 +72,26 @@ class ModelConfig(Section):
     train_projections: bool = Field(
         default=False, description="Fully train visual_projection and text_projection (saved with the adapter)."
     )
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        default="none",
+        description="QLoRA: load the frozen base through bitsandbytes in 8 or 4 bits (less memory); LoRA trains on top.",
+    )
+    quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type (nf4 suits normal weights).")
+    double_quant: bool = Field(default=True, description="4-bit: quantize the quantization constants too (~0.4 bit/param less).")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="4-bit: dtype the dequantized weights are multiplied in (bfloat16 on GPUs)."
+    )
+
+    @model_validator(mode="after")
+    def warn_ignored_quantization_keys(self) -> "ModelConfig":
+        four_bit_only = sorted(self.model_fields_set & {"quant_type", "double_quant", "compute_dtype"})
+        if four_bit_only and self.quantization != "4bit":
+            warnings.warn(
+                f"model.quantization is {self.quantization!r}: "
+                + ", ".join(f"model.{k}" for k in four_bit_only) + " ignored (4bit only)",
+                stacklevel=2,
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- LoRA

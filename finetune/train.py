@@ -67,6 +67,7 @@ from finetune.model import (  # noqa: E402
     save_processor,
     trainable_parameters_by_tower,
 )
+from finetune.quantize import bnb_quantization_config, full_precision_modules, prepare_quantized_for_training  # noqa: E402
 from finetune.report import describe_duplicate_captions, format_results_table, write_results  # noqa: E402
 from finetune.step import cached_contrastive_step, plain_step  # noqa: E402
 from finetune.towers import logit_scale, model_layout  # noqa: E402
@@ -104,7 +105,7 @@ def run(cfg: RecipeConfig) -> int:
     max_text_length = check_recipe_against_model(cfg)  # config.json only: recipe errors before any work
     out = Path(cfg.train.output_dir)
     checkpoint = prepare_output_dir(cfg, out, accelerator)
-    model, processor = load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    model, processor = load_base_model(cfg, accelerator)
     train_pairs, eval_sets = build_datasets(cfg, processor.tokenizer, max_text_length, accelerator)
     evaluate = partial(
         evaluate_retrieval, processor=processor, batch_size=cfg.eval.batch_size, max_text_length=max_text_length,
@@ -307,6 +308,22 @@ def zero_shot_results(model, evaluate, eval_sets, out: Path, checkpoint: Path | 
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(results, indent=2))
     return results
+
+
+def load_base_model(cfg: RecipeConfig, accelerator: Accelerator):
+    """The checkpoint as the recipe says: full precision, or quantized through bitsandbytes (QLoRA)."""
+    m = cfg.model
+    quantization = bnb_quantization_config(
+        m.quantization, m.quant_type, m.double_quant, m.compute_dtype,
+        keep_full_precision=full_precision_modules(load_model_config(m.name_or_path, m.revision, m.trust_remote_code)),
+    )
+    model, processor = load_model(
+        m.name_or_path, m.revision, m.trust_remote_code, quantization_config=quantization, device=accelerator.device
+    )
+    if quantization is not None:
+        accelerator.print(f"Base loaded in {m.quantization} through bitsandbytes (QLoRA); LoRA trains in full precision")
+        model = prepare_quantized_for_training(model)
+    return model, processor
 
 
 def tower_lora(cfg: LoraTowerConfig) -> TowerLora:
