@@ -172,7 +172,20 @@ class DataConfig(Section):
     max_text_length: int | None = Field(
         default=None, gt=1, description="Token limit per caption; null = the model's max_position_embeddings."
     )
-    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes (decode + preprocess).")
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        default="auto",
+        description="DataLoader worker processes (decode + preprocess); auto = cores per process - 1, at least 1.",
+    )
+    decode_draft: bool = Field(
+        default=True,
+        description="Training JPEGs decode at 1/2-1/8 scale when still >= the model's input size: less work, "
+        "pixels within a few levels of a full decode (eval always decodes fully).",
+    )
+    cache_preprocessed: bool = Field(
+        default=False,
+        description="Resize training images to the processor's size once (stored with datasets); "
+        "later epochs skip decode + resize. Same tensors.",
+    )
 
 
 # --------------------------------------------------------------------------- loss / optim / train / eval

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import get_scheduler  # noqa: E402
 
 from data_tools.loading import DataLoadError, RetrievalSet, load_image_text_dataset  # noqa: E402
+from data_tools.pipeline import available_cores, cache_preprocessed_images, default_num_workers, processor_target_size  # noqa: E402
 from data_tools.sampling import EpochShuffleSampler  # noqa: E402
 from finetune.card import write_model_card  # noqa: E402
 from finetune.checkpoint import (  # noqa: E402
@@ -109,13 +110,13 @@ def run(cfg: RecipeConfig) -> int:
     train_pairs, eval_sets = build_datasets(cfg, processor.tokenizer, max_text_length, accelerator)
     evaluate = partial(
         evaluate_retrieval, processor=processor, batch_size=cfg.eval.batch_size, max_text_length=max_text_length,
-        ks=tuple(cfg.eval.ks), num_workers=cfg.data.num_workers, accelerator=accelerator,
+        ks=tuple(cfg.eval.ks), num_workers=loader_workers(cfg, accelerator), accelerator=accelerator,
     )
     results = {"zero_shot": zero_shot_results(model, evaluate, eval_sets, out, checkpoint, accelerator)} if cfg.eval.zero_shot else {}
 
     model = build_model(cfg, model, accelerator)
     loss_fn = build_loss(cfg)
-    train_loader, sampler = build_train_loader(cfg, train_pairs, processor, max_text_length)
+    train_loader, sampler = build_train_loader(cfg, train_pairs, processor, max_text_length, accelerator)
     model, train_loader, loss_fn = prepare(accelerator, model, train_loader, loss_fn)
     step = build_step(cfg, accelerator)
     max_steps = count_max_steps(cfg, train_loader, len(train_pairs), accelerator)
@@ -369,15 +370,28 @@ def build_step(cfg: RecipeConfig, accelerator: Accelerator):
     )
 
 
-def build_train_loader(cfg: RecipeConfig, train_pairs, processor, max_text_length: int):
+def loader_workers(cfg: RecipeConfig, accelerator: Accelerator) -> int:
+    if cfg.data.num_workers != "auto":
+        return cfg.data.num_workers
+    return default_num_workers(available_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # cores are per machine
+
+
+def build_train_loader(cfg: RecipeConfig, train_pairs, processor, max_text_length: int, accelerator: Accelerator):
+    if cfg.data.cache_preprocessed:
+        with accelerator.main_process_first():  # one process resizes; the others read its datasets cache
+            train_pairs = cache_preprocessed_images(train_pairs, processor.image_processor)
     sampler = EpochShuffleSampler(len(train_pairs), cfg.train.seed)
+    workers = loader_workers(cfg, accelerator)
+    draft = processor_target_size(processor.image_processor) if cfg.data.decode_draft else None
     loader = DataLoader(
         train_pairs,
         batch_size=cfg.train.batch_size,
         sampler=sampler,
-        collate_fn=ImageTextCollator(processor, max_text_length),
+        collate_fn=ImageTextCollator(processor, max_text_length, draft_size=draft),
         drop_last=True,  # equal batches: every step has batch_size x processes negatives
-        num_workers=cfg.data.num_workers,
+        num_workers=workers,
+        persistent_workers=workers > 0,  # no worker start-up cost at every epoch
+        pin_memory=accelerator.device.type == "cuda",
     )
     return loader, sampler
 

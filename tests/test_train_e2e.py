@@ -582,3 +582,12 @@ def test_two_processes_with_the_cached_step_equal_one_process_with_the_full_batc
     assert two.keys() == one.keys() and any("logit_scale" in k for k in one)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_the_preresized_cache_trains_to_the_same_weights(tiny_clip_dir, roco_like_dir, tmp_path):
+    for name, cached in (("plain", "false"), ("cached", "true")):
+        overrides = [*hub_standin_overrides(tiny_clip_dir, roco_like_dir, tmp_path / name, steps=2), *SMALL]
+        assert train.main(["recipes/medical.yaml", *overrides, "eval.zero_shot=false", "data.max_text_length=32", f"data.cache_preprocessed={cached}"]) == 0
+    plain, cached = trainable_tensors(tmp_path / "plain"), trainable_tensors(tmp_path / "cached")
+    for name in plain:
+        torch.testing.assert_close(cached[name], plain[name], rtol=0, atol=0, msg=name)
