@@ -172,10 +172,17 @@ class DataConfig(Section):
     max_text_length: int | None = Field(
         default=None, gt=1, description="Token limit per caption; null = the model's max_position_embeddings."
     )
-    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+    num_workers: int | Literal["auto"] = Field(
         default="auto",
         description="DataLoader worker processes (decode + preprocess); auto = cores per process - 1, at least 1.",
     )
+    @field_validator("num_workers")
+    @classmethod
+    def workers_not_negative(cls, value):
+        if value != "auto" and value < 0:
+            raise ValueError(f"must be >= 0 or auto, got {value}")
+        return value
+
     decode_draft: bool = Field(
         default=True,
         description="Training JPEGs decode at 1/2-1/8 scale when still >= the model's input size: less work, "
