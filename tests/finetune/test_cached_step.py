@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, GradientState
 
 from finetune.losses import ClipInfoNCE
 from finetune.model import TowerLora, add_lora, load_model
@@ -137,6 +137,7 @@ def test_cached_step_under_accelerate_accumulation_equals_plain(tiny_clip_dir):
             results[kind] = gradients(prepared)
     finally:
         AcceleratorState._reset_state(True)
+        GradientState._reset_state()
     manual = {}
     for batch in batches:
         loss, _ = contrastive_step(model, batch, loss_fn, gather=True)

@@ -9,7 +9,7 @@ import warnings
 import bitsandbytes as bnb
 import pytest
 import torch
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, GradientState
 from peft import PeftModel
 from transformers import CLIPModel
 
@@ -34,6 +34,7 @@ def clip64_dir(tmp_path_factory):
 def fresh_accelerator_state():
     yield
     AcceleratorState._reset_state(True)
+    GradientState._reset_state()  # a finished training loop leaves end_of_dataloader set for the next test
 
 
 @pytest.mark.parametrize("kind, layer_class", [("4bit", bnb.nn.Linear4bit), ("8bit", bnb.nn.Linear8bitLt)])
