@@ -50,7 +50,7 @@ SHAPES = {
     "tiny": (32, 2, 2, 64, 8, 32, 32, 2, 2, 64, 32),
 }
 SETTINGS = {  # mode -> what each entry runs
-    "full": dict(shape="vit-b32", batch=32, steps=8, micro=4, memory_batch=16, pipeline_images=64, embed_batch=64, faiss=(100_000, 1_000_000)),
+    "full": dict(shape="vit-b32", batch=8, steps=3, micro=2, memory_batch=8, pipeline_images=32, embed_batch=16, faiss=(100_000, 1_000_000)),
     "quick": dict(shape="vit-b32-2layer", batch=16, steps=4, micro=2, memory_batch=16, pipeline_images=24, embed_batch=32, faiss=()),
     "tiny": dict(shape="tiny", batch=8, steps=2, micro=2, memory_batch=8, pipeline_images=4, embed_batch=8, faiss=()),
 }
@@ -539,18 +539,39 @@ def bench_faiss(sizes: tuple[int, ...], dim: int = 512) -> list[dict]:
 # ----------------------------------------------------------------------------- main
 
 
+def markdown_table(doc: dict) -> str:
+    """One row per entry: figure, model, batch, precision, ratio, target, met; the machine underneath."""
+    m = doc["machine"]
+    lines = ["| figure | model | batch | precision | ratio | target | met |", "|---|---|---|---|---|---|---|"]
+    for e in doc["entries"]:
+        model = (e["model"] or {}).get("name") or ", ".join(f"{k} {v}" for k, v in (e["model"] or {}).items())
+        met = {True: "yes", False: "**no**", None: "n/a"}[e["met"]]
+        ratio = "" if e["ratio"] is None else f"{e['ratio']:.3g}"
+        lines.append(f"| {e['name']} | {model} | {e['batch'] or ''} | {e['precision'] or ''} | {ratio} | {e['target']} | {met} |")
+    lines.append("")
+    lines.append(
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, GPU {m['gpu'] or 'none'}, torch {m['torch']}; "
+        f"load average {doc['load_average_before']} before, {doc['load_average_after']} after; {doc['mode']} run, {doc['seconds']} s."
+    )
+    return "\n".join(lines)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2-layer towers, fewer steps: about 2 minutes on 2 CPU cores")
     parser.add_argument("--tiny", action="store_true", help="the tiniest setting (the test suite's): seconds, numbers meaningless")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--skip", nargs="*", default=[], help="entries to leave out (e.g. faiss embedding_throughput)")
+    parser.add_argument("--table", default=None, metavar="JSON", help="print a saved run as the README's markdown table")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())))
+        return 0
     if args.memory_probe:
         print(json.dumps(memory_probe(json.loads(args.memory_probe))))
         return 0
@@ -584,16 +605,23 @@ def main(argv=None) -> int:
         for e in result if isinstance(result, list) else [result]:
             e["seconds"] = round(time.time() - job_start, 1)
             doc["entries"].append(e)
+        write_doc(doc, args.out, started, complete=False)  # a run cut short keeps what it measured
+    text = write_doc(doc, args.out, started, complete=True)
+    print(text)
+    return 0
+
+
+def write_doc(doc: dict, out: str | None, started: float, *, complete: bool) -> str:
+    doc["complete"] = complete
     doc["load_average_after"] = load_average()
     doc["seconds"] = round(time.time() - started, 1)
     text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
+    if out:
         from finetune.io import atomic_write_text
 
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(args.out), text + "\n")
-    return 0
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(out), text + "\n")
+    return text
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ def test_tiny_benchmark_prints_and_writes_every_entry(tmp_path, capsys):
     assert benchmark.main(["--tiny", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == doc
-    assert doc["mode"] == "tiny"
+    assert doc["mode"] == "tiny" and doc["complete"] is True
     assert {"cpu", "cores", "torch_threads", "gpu", "torch"} <= set(doc["machine"])
     assert len(doc["load_average_before"]) == 3 and len(doc["load_average_after"]) == 3
     names = [e["name"] for e in doc["entries"]]
