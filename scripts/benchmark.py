@@ -608,7 +608,16 @@ def main(argv=None) -> int:
         write_doc(doc, args.out, started, complete=False)  # a run cut short keeps what it measured
     text = write_doc(doc, args.out, started, complete=True)
     print(text)
+    reset_accelerate()
     return 0
+
+
+def reset_accelerate() -> None:
+    """Forget the Accelerators the entries made (a caller in the same process starts clean)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 def write_doc(doc: dict, out: str | None, started: float, *, complete: bool) -> str:

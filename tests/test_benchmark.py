@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+
 from scripts import benchmark
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 def test_tiny_benchmark_prints_and_writes_every_entry(tmp_path, capsys):
