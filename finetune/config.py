@@ -84,7 +84,10 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def warn_ignored_quantization_keys(self) -> "ModelConfig":
-        four_bit_only = sorted(self.model_fields_set & {"quant_type", "double_quant", "compute_dtype"})
+        four_bit_only = sorted(  # only values a user changed: a resolved config spells out every default
+            k for k in self.model_fields_set & {"quant_type", "double_quant", "compute_dtype"}
+            if getattr(self, k) != type(self).model_fields[k].default
+        )
         if four_bit_only and self.quantization != "4bit":
             warnings.warn(
                 f"model.quantization is {self.quantization!r}: "
