@@ -37,6 +37,7 @@ RESUME_SAFE_KEYS = (
     "train.checkpoint_every_steps",
     "train.keep_last_checkpoints",
     "data.num_workers",
+    "data.cache_preprocessed",
     "data.eval.",
     "eval.",
 )

@@ -15,9 +15,10 @@ from data_tools.loading import decode_image
 class ImageTextCollator:
     """rows in the normal form -> batch dict (see `__call__`)."""
 
-    def __init__(self, processor: CLIPProcessor, max_text_length: int):
+    def __init__(self, processor: CLIPProcessor, max_text_length: int, draft_size: int | None = None):
         self.processor = processor
         self.max_text_length = max_text_length
+        self.draft_size = draft_size  # JPEGs decode at a reduced scale that still covers this side
 
     def __call__(self, rows: list[dict]) -> dict:
         """rows [{"image", "caption", "image_index", "source_row", "image_id", ("label")}] -> batch:
@@ -38,7 +39,7 @@ class ImageTextCollator:
         kept = []
         images = []
         for row in rows:
-            image = decode_image(row["image"])
+            image = decode_image(row["image"], self.draft_size)
             if image is None:
                 continue
             images.append(image)

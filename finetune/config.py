@@ -77,6 +77,29 @@ class ModelConfig(Section):
         description="Swap the text tower for this encoder (hub id or folder, e.g. xlm-roberta-base): a vision + text "
         "dual encoder keeping model.name_or_path's vision tower, visual projection and temperature.",
     )
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        default="none",
+        description="QLoRA: load the frozen base through bitsandbytes in 8 or 4 bits (less memory); LoRA trains on top.",
+    )
+    quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type (nf4 suits normal weights).")
+    double_quant: bool = Field(default=True, description="4-bit: quantize the quantization constants too (~0.4 bit/param less).")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="4-bit: dtype the dequantized weights are multiplied in (bfloat16 on GPUs)."
+    )
+
+    @model_validator(mode="after")
+    def warn_ignored_quantization_keys(self) -> "ModelConfig":
+        four_bit_only = sorted(  # only values a user changed: a resolved config spells out every default
+            k for k in self.model_fields_set & {"quant_type", "double_quant", "compute_dtype"}
+            if getattr(self, k) != type(self).model_fields[k].default
+        )
+        if four_bit_only and self.quantization != "4bit":
+            warnings.warn(
+                f"model.quantization is {self.quantization!r}: "
+                + ", ".join(f"model.{k}" for k in four_bit_only) + " ignored (4bit only)",
+                stacklevel=2,
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -237,7 +260,27 @@ class DataConfig(Section):
     max_text_length: int | None = Field(
         default=None, gt=1, description="Token limit per caption; null = the model's max_position_embeddings."
     )
-    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes (decode + preprocess).")
+    num_workers: int | Literal["auto"] = Field(
+        default="auto",
+        description="DataLoader worker processes (decode + preprocess); auto = cores per process - 1, at least 1.",
+    )
+    @field_validator("num_workers")
+    @classmethod
+    def workers_not_negative(cls, value):
+        if value != "auto" and value < 0:
+            raise ValueError(f"must be >= 0 or auto, got {value}")
+        return value
+
+    decode_draft: bool = Field(
+        default=True,
+        description="Training JPEGs decode at 1/2-1/8 scale when still >= the model's input size: less work, "
+        "pixels within a few levels of a full decode (eval always decodes fully).",
+    )
+    cache_preprocessed: bool = Field(
+        default=False,
+        description="Resize training images to the processor's size once (stored with datasets); "
+        "later epochs skip decode + resize. Same tensors.",
+    )
     image_size: int | None = Field(
         default=None, gt=0, description="Train and evaluate at this square resolution instead of the checkpoint's "
         "(position embeddings interpolated); saved with the adapter's processor. null = the checkpoint's size.",
@@ -321,6 +364,12 @@ class TrainConfig(Section):
         gt=0,
         description="Averages gradients over micro-batches; it does NOT add negatives to the contrastive loss.",
     )
+    micro_batch_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="Rows embedded with autograd at once (GradCache): memory of micro_batch_size, negatives of "
+        "batch_size. null = the whole batch at once.",
+    )
     max_steps: int | None = Field(default=None, gt=0, description="Optimizer steps to run.")
     epochs: float | None = Field(default=None, gt=0, description="Alternative to max_steps.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
@@ -342,6 +391,15 @@ class TrainConfig(Section):
     def steps_xor_epochs(self) -> "TrainConfig":
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of train.max_steps and train.epochs")
+        return self
+
+    @model_validator(mode="after")
+    def micro_batch_fits_batch(self) -> "TrainConfig":
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            raise ValueError(
+                f"train.micro_batch_size ({self.micro_batch_size}) must be <= train.batch_size ({self.batch_size}): "
+                "it splits the contrastive batch for memory"
+            )
         return self
 
     @model_validator(mode="after")
@@ -527,7 +585,8 @@ class RecipeConfig(Section):
         if self.train.gradient_accumulation_steps > 1:
             warnings.warn(
                 "train.gradient_accumulation_steps > 1 averages gradients but each contrastive loss still sees "
-                f"only train.batch_size={self.train.batch_size} x processes negatives",
+                f"only train.batch_size={self.train.batch_size} x processes negatives; for more negatives in the "
+                "same memory raise train.batch_size and set train.micro_batch_size",
                 stacklevel=2,
             )
         return self

@@ -76,13 +76,21 @@ def load_model_config(name_or_path: str, revision: str | None = None, trust_remo
     return config
 
 
-def load_model(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
-    """`from_pretrained` for model and processor, classes chosen from the model table by config class."""
+def load_model(
+    name_or_path: str, revision: str | None = None, trust_remote_code: bool = False, *,
+    quantization_config=None, device=None,
+):
+    """`from_pretrained` for model and processor, classes chosen from the model table by config class.
+
+    `quantization_config` (finetune.quantize) loads the base quantized onto `device` (QLoRA)."""
     config = load_model_config(name_or_path, revision, trust_remote_code)
     arch = architecture_for(config)
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    quantized = {}
+    if quantization_config is not None:
+        quantized = dict(quantization_config=quantization_config, device_map={"": str(device or "cpu")})
     try:
-        model = arch.model_class.from_pretrained(name_or_path, **kwargs)
+        model = arch.model_class.from_pretrained(name_or_path, **kwargs, **quantized)
         processor = arch.processor_class.from_pretrained(name_or_path, **kwargs)
     except Exception as exc:
         raise ModelLoadError(
@@ -243,8 +251,10 @@ def load_adapted(run_dir: str | os.PathLike, *, adapter_subdir: str = "adapter")
         from finetune.distill import BASE_MODEL_DIR
 
         base, _ = load_model(str(run_dir / BASE_MODEL_DIR), None, cfg.model.trust_remote_code)
-    else:
+    else:  # always the full-precision base, also for a QLoRA run: merges and exports never go into quantized weights
         base, _ = load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    if cfg.model.quantization != "none":
+        print(f"{run_dir}: adapter trained on a {cfg.model.quantization} base; loaded onto the full-precision base")
     processor = architecture_for(base.config).processor_class.from_pretrained(adapter)
     model = PeftModel.from_pretrained(base, adapter)
     extra = adapter / EXTRA_TRAINABLES_FILE

@@ -14,6 +14,8 @@ and NCCL. Ranks may hold different numbers of rows (a batch that lost unreadable
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -94,3 +96,104 @@ def contrastive_step(model, batch: dict, loss_fn, *, gather: bool) -> tuple[torc
     features, pairs = gather_features(model, batch, gather=gather)
     terms = loss_fn(features, pairs)
     return sum(terms.values()), terms
+
+
+# ----------------------------------------------------------------------------- the cached step (GradCache)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _chunks(batch: dict, micro_batch_size: int) -> list[dict]:
+    """Model inputs of `batch` cut into consecutive chunks of at most `micro_batch_size` rows."""
+    rows = batch["pixel_values"].shape[0]
+    return [
+        {k: batch[k][start : start + micro_batch_size] for k in MODEL_INPUTS}
+        for start in range(0, rows, micro_batch_size)
+    ]
+
+
+def _embed(model, chunk: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    image, text = pair_features(model, chunk["pixel_values"], chunk["input_ids"], chunk["attention_mask"])
+    return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)  # (b, D) each
+
+
+def cached_contrastive_step(
+    model, batch: dict, loss_fn, *, gather: bool, micro_batch_size: int, backward
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The contrastive step of the whole batch with the activation memory of `micro_batch_size` rows.
+
+    GradCache (Gao et al., 2021), in three passes:
+      1. embed the batch chunk by chunk without autograd, saving each chunk's RNG state;
+      2. gather the embeddings, compute the loss terms, and backward to the (local) embeddings and
+         the temperature only: the loss graph is (N, N), tiny next to the towers';
+      3. re-run each chunk with autograd from its saved RNG state (same dropout masks, so the same
+         embeddings) and backpropagate the cached embedding gradients into the model.
+    By the chain rule the parameter gradients equal the plain step's on the whole batch (tested
+    within 1e-5). Under DDP, only the last chunk's backward synchronises; the temperature's gradient
+    rides along with that backward, so DDP sees every trained parameter in one reduction.
+
+    `backward(loss)` is the caller's (Accelerate's: loss scaling, accumulation division); it runs on
+    the loss in pass 2, and pass 3 propagates the gradients it produced. Returns (detached loss, terms).
+    """
+    chunks = _chunks(batch, micro_batch_size)
+    device = batch["pixel_values"].device
+    states, images, texts = [], [], []
+    with torch.no_grad():
+        for chunk in chunks:  # pass 1
+            states.append(_rng_state(device))
+            image, text = _embed(model, chunk)
+            images.append(image)
+            texts.append(text)
+    after_pass_1 = _rng_state(device)
+
+    # pass 2: the loss on leaf copies of the embeddings (and of the temperature)
+    image = torch.cat(images).requires_grad_(True)  # (B, D)
+    text = torch.cat(texts).requires_grad_(True)  # (B, D)
+    scale_param = logit_scale(model)
+    scale = scale_param.detach().clone().requires_grad_(scale_param.requires_grad)
+    pairs = pair_tensors(batch)
+    all_image, all_text = image, text
+    if gather:
+        all_image, all_text = gather_with_grad(image), gather_with_grad(text)  # (N, D)
+        pairs = {k: gather_rows(v) for k, v in pairs.items()}
+    terms = loss_fn(Features(image=all_image, text=all_text, logit_scale=scale), pairs)
+    loss = sum(terms.values())
+    backward(loss)
+    image_grad, text_grad = image.grad, text.grad  # (B, D) each, already scaled as `backward` scales
+
+    # pass 3: re-run each chunk with autograd; only the last one lets DDP synchronise gradients
+    no_sync = getattr(model, "no_sync", None)
+    start = 0
+    for i, (chunk, state) in enumerate(zip(chunks, states)):
+        last = i == len(chunks) - 1
+        rows = chunk["pixel_values"].shape[0]
+        _set_rng_state(state, device)
+        with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
+            chunk_image, chunk_text = _embed(model, chunk)
+            outputs = [chunk_image, chunk_text]
+            grads = [image_grad[start : start + rows], text_grad[start : start + rows]]
+            if last and scale.grad is not None:
+                outputs.append(scale_param)
+                grads.append(scale.grad)
+            torch.autograd.backward(outputs, grads)
+        start += rows
+    _set_rng_state(after_pass_1, device)  # the RNG moves on as if each chunk ran once
+    return loss.detach(), {k: v.detach() for k, v in terms.items()}
+
+
+def plain_step(model, batch: dict, loss_fn, *, gather: bool, backward) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward the whole batch with autograd, loss terms, `backward(loss)`. Returns (detached loss, terms)."""
+    loss, terms = contrastive_step(model, batch, loss_fn, gather=gather)
+    backward(loss)
+    return loss.detach(), {k: v.detach() for k, v in terms.items()}

@@ -12,6 +12,7 @@ GPUs or many nodes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import get_scheduler  # noqa: E402
 
 from data_tools.loading import DataLoadError, RetrievalSet, load_image_text_dataset  # noqa: E402
+from data_tools.pipeline import available_cores, cache_preprocessed_images, default_num_workers, processor_target_size  # noqa: E402
 from finetune.card import write_model_card  # noqa: E402
 from finetune.checkpoint import (  # noqa: E402
     ResumeError,
@@ -68,8 +70,9 @@ from finetune.model import (  # noqa: E402
     set_image_size,
     trainable_parameters_by_tower,
 )
+from finetune.quantize import bnb_quantization_config, full_precision_modules, prepare_quantized_for_training  # noqa: E402
 from finetune.report import describe_duplicate_captions, format_language_table, format_results_table, write_results  # noqa: E402
-from finetune.step import contrastive_step  # noqa: E402
+from finetune.step import cached_contrastive_step, plain_step  # noqa: E402
 from finetune.train_data import (  # noqa: E402
     TrainingSet,
     build_class_weights,
@@ -113,12 +116,12 @@ def run(cfg: RecipeConfig) -> int:
     max_text_length = check_recipe_against_model(cfg)  # config.json only: recipe errors before any work
     out = Path(cfg.train.output_dir)
     checkpoint = prepare_output_dir(cfg, out, accelerator)
-    model, processor = build_base_model(cfg)
+    model, processor = build_base_model(cfg, accelerator)
     set_image_size(processor, cfg.data.image_size)
     train_pairs, eval_sets = build_datasets(cfg, processor.tokenizer, max_text_length, accelerator)
     evaluate = partial(
         evaluate_retrieval, processor=processor, batch_size=cfg.eval.batch_size, max_text_length=max_text_length,
-        ks=tuple(cfg.eval.ks), num_workers=cfg.data.num_workers, accelerator=accelerator,
+        ks=tuple(cfg.eval.ks), num_workers=loader_workers(cfg, accelerator), accelerator=accelerator,
         class_prompts=class_prompts(cfg), class_counts=train_pairs.class_counts(),
     )
     results = {"zero_shot": zero_shot_results(model, evaluate, eval_sets, out, checkpoint, accelerator)} if cfg.eval.zero_shot else {}
@@ -130,14 +133,15 @@ def run(cfg: RecipeConfig) -> int:
 
     model = build_model(cfg, model, accelerator)
     loss_fn = build_loss(cfg, train_pairs)
-    train_loader, sampler = build_train_loader(cfg, train_pairs, processor, max_text_length)
+    train_loader, sampler = build_train_loader(cfg, train_pairs, processor, max_text_length, accelerator)
     model, train_loader, loss_fn = prepare(accelerator, model, train_loader, loss_fn)
+    step = build_step(cfg, accelerator)
     max_steps = count_max_steps(cfg, train_loader, len(train_pairs), accelerator)
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model, loss_fn, max_steps, accelerator)
     state = resume(accelerator, checkpoint, cfg, out)
 
     state = train_loop(
-        cfg, accelerator, model, loss_fn, optimizer, scheduler, train_loader, sampler, state, max_steps,
+        cfg, accelerator, model, step, loss_fn, optimizer, scheduler, train_loader, sampler, state, max_steps,
         evaluate=partial(evaluate, sets=dict([next(iter(eval_sets.items()))])), out=out,  # target (or the first language)
     )
 
@@ -154,7 +158,7 @@ def run(cfg: RecipeConfig) -> int:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_loop(cfg, accelerator, model, loss_fn, optimizer, scheduler, loader, sampler, state, max_steps, *, evaluate, out):
+def train_loop(cfg, accelerator, model, step, loss_fn, optimizer, scheduler, loader, sampler, state, max_steps, *, evaluate, out):
     log_file = out / "train_log.jsonl"
     progress = tqdm(total=max_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process)
     last_saved = state.step if state.step else -1  # a resumed run starts on a saved checkpoint
@@ -177,9 +181,8 @@ def train_loop(cfg, accelerator, model, loss_fn, optimizer, scheduler, loader, s
                 continue
             usable += 1
             with accelerator.accumulate(model):
-                loss, terms = contrastive_step(model, batch, loss_fn, gather=cfg.loss.gather_across_processes)
+                loss, terms = step(model, batch, loss_fn)  # forward, loss terms, backward
                 check_finite(loss, terms, state, scheduler)
-                accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if not checked_gradients:
                         check_adapters_get_gradient(model)
@@ -255,10 +258,13 @@ def check_recipe_against_model(cfg: RecipeConfig) -> int:
     return cfg.data.max_text_length or limit
 
 
-def build_base_model(cfg: RecipeConfig):
-    """The checkpoint the recipe names, or CLIP with its text tower swapped for model.text_tower."""
+def build_base_model(cfg: RecipeConfig, accelerator: Accelerator):
+    """The checkpoint the recipe names (quantized for QLoRA when asked), or CLIP with its text tower
+    swapped for model.text_tower."""
     if cfg.model.text_tower is None:
-        return load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+        return load_base_model(cfg, accelerator)
+    if cfg.model.quantization != "none":
+        raise ConfigError("recipe", ["model.quantization: not supported together with model.text_tower (the swapped tower trains in full)"])
     set_seed(cfg.train.seed)  # the new text projection's initialisation
     return build_text_tower_swap(cfg.model.name_or_path, cfg.model.text_tower, cfg.model.revision, cfg.model.trust_remote_code)
 
@@ -383,6 +389,22 @@ def zero_shot_results(model, evaluate, eval_sets, out: Path, checkpoint: Path | 
     return results
 
 
+def load_base_model(cfg: RecipeConfig, accelerator: Accelerator):
+    """The checkpoint as the recipe says: full precision, or quantized through bitsandbytes (QLoRA)."""
+    m = cfg.model
+    quantization = bnb_quantization_config(
+        m.quantization, m.quant_type, m.double_quant, m.compute_dtype,
+        keep_full_precision=full_precision_modules(load_model_config(m.name_or_path, m.revision, m.trust_remote_code)),
+    )
+    model, processor = load_model(
+        m.name_or_path, m.revision, m.trust_remote_code, quantization_config=quantization, device=accelerator.device
+    )
+    if quantization is not None:
+        accelerator.print(f"Base loaded in {m.quantization} through bitsandbytes (QLoRA); LoRA trains in full precision")
+        model = prepare_quantized_for_training(model)
+    return model, processor
+
+
 def tower_lora(cfg: LoraTowerConfig) -> TowerLora:
     return TowerLora(
         enabled=cfg.enabled, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
@@ -414,15 +436,43 @@ def build_loss(cfg: RecipeConfig, train_pairs: TrainingSet) -> torch.nn.Module:
     return ClipInfoNCE(same_label_negatives=cfg.loss.same_label_negatives, class_weights=build_class_weights(cfg, train_pairs))
 
 
-def build_train_loader(cfg: RecipeConfig, train_pairs: TrainingSet, processor, max_text_length: int):
+def build_step(cfg: RecipeConfig, accelerator: Accelerator):
+    """The contrastive step: the whole batch at once, or GradCache's cached step when
+    train.micro_batch_size is set (the same gradients, the activation memory of a micro-batch)."""
+    gather = cfg.loss.gather_across_processes
+    if cfg.train.micro_batch_size is None or cfg.train.micro_batch_size >= cfg.train.batch_size:
+        return partial(plain_step, gather=gather, backward=accelerator.backward)
+    return partial(
+        cached_contrastive_step, gather=gather, micro_batch_size=cfg.train.micro_batch_size,
+        backward=accelerator.backward,
+    )
+
+
+def loader_workers(cfg: RecipeConfig, accelerator: Accelerator) -> int:
+    if cfg.data.num_workers != "auto":
+        return cfg.data.num_workers
+    return default_num_workers(available_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # cores are per machine
+
+
+def build_train_loader(cfg: RecipeConfig, train_pairs: TrainingSet, processor, max_text_length: int, accelerator: Accelerator):
+    if cfg.data.cache_preprocessed:
+        with accelerator.main_process_first():  # one process resizes; the others read its datasets cache
+            train_pairs = dataclasses.replace(train_pairs, pairs=cache_preprocessed_images(train_pairs.pairs, processor.image_processor))
     sampler = build_sampler(cfg, train_pairs)
+    workers = loader_workers(cfg, accelerator)
+    draft = processor_target_size(processor.image_processor) if cfg.data.decode_draft else None
+    dataset = training_dataset(cfg, train_pairs)
     loader = DataLoader(
-        training_dataset(cfg, train_pairs),
+        dataset,
         batch_size=cfg.train.batch_size,
         sampler=sampler,
-        collate_fn=ImageTextCollator(processor, max_text_length),
+        collate_fn=ImageTextCollator(processor, max_text_length, draft_size=draft),
         drop_last=True,  # equal batches: every step has batch_size x processes negatives
-        num_workers=cfg.data.num_workers,
+        num_workers=workers,
+        # Workers kept across epochs skip start-up costs, but keep their copy of the dataset: not for
+        # label-only rows, which draw their caption template per epoch.
+        persistent_workers=workers > 0 and not hasattr(dataset, "epoch"),
+        pin_memory=accelerator.device.type == "cuda",
         # Each new iterator draws a seed for its workers; from its own generator, not the global RNG, so a
         # resumed run (which starts an iterator mid-epoch) sees the same dropout masks as an uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.train.seed),

@@ -575,3 +575,41 @@ def test_resuming_from_a_folder_that_is_not_a_complete_checkpoint_names_the_key(
     assert code == 2
     err = capsys.readouterr().err
     assert "train.resume_from:" in err and "is not a complete checkpoint: trainer_state.json is missing" in err
+
+
+def test_two_processes_with_the_cached_step_equal_one_process_with_the_full_batch(tiny_clip_dir, tmp_path):
+    """GradCache across processes: 2 x batch 8 embedded 3 rows at a time, gathered, with a trained
+    temperature (its gradient joins DDP's one reduction) == 1 process x batch 16 in one piece."""
+    common = [
+        "recipes/demo.yaml",
+        f"model.name_or_path={tiny_clip_dir}",
+        "model.train_logit_scale=true",
+        "train.max_steps=2",
+        "train.checkpoint_every_steps=null",
+        "data.train.synthetic.num_images=40",
+        "data.eval.target.synthetic.num_images=8",
+        "data.eval.source.synthetic.num_images=8",
+        "eval.zero_shot=false",
+        "data.num_workers=0",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "finetune.cli", "train", "--num-processes", "2", "--main-process-port", "29518"]
+    proc = subprocess.run(
+        [*launch, *common, "train.batch_size=8", "train.micro_batch_size=3", f"train.output_dir={tmp_path / 'two'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert train.main([*common, "train.batch_size=16", f"train.output_dir={tmp_path / 'one'}"]) == 0
+    two, one = trainable_tensors(tmp_path / "two"), trainable_tensors(tmp_path / "one")
+    assert two.keys() == one.keys() and any("logit_scale" in k for k in one)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_the_preresized_cache_trains_to_the_same_weights(tiny_clip_dir, roco_like_dir, tmp_path):
+    for name, cached in (("plain", "false"), ("cached", "true")):
+        overrides = [*hub_standin_overrides(tiny_clip_dir, roco_like_dir, tmp_path / name, steps=2), *SMALL]
+        assert train.main(["recipes/medical.yaml", *overrides, "eval.zero_shot=false", "data.max_text_length=32", f"data.cache_preprocessed={cached}"]) == 0
+    plain, cached = trainable_tensors(tmp_path / "plain"), trainable_tensors(tmp_path / "cached")
+    for name in plain:
+        torch.testing.assert_close(cached[name], plain[name], rtol=0, atol=0, msg=name)

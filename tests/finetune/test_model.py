@@ -367,8 +367,8 @@ def test_merge_and_unload_keeps_the_features(clip, batch):
     assert isinstance(merged, CLIPModel)
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     merged_img, merged_txt = features(merged, batch)
-    torch.testing.assert_close(merged_img, adapted_img, atol=1e-5, rtol=0)
-    torch.testing.assert_close(merged_txt, adapted_txt, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged_img, adapted_img, atol=5e-5, rtol=1e-5)  # float32 sums in another order
+    torch.testing.assert_close(merged_txt, adapted_txt, atol=5e-5, rtol=1e-5)
 
 
 def test_merge_changes_the_base_weights(clip, tiny_clip_dir):

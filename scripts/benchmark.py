@@ -1,0 +1,637 @@
+"""Performance benchmarks: one JSON document with the machine, every figure, its target and whether it is met.
+
+    python scripts/benchmark.py --quick --out runs/benchmark-quick.json   # about 2 minutes on 2 CPU cores
+    python scripts/benchmark.py --out runs/benchmark.json                 # the full run (under 20 minutes)
+
+Every comparison is a ratio of two things measured side by side in this run, on this machine,
+interleaved (A, B, A, B, ...) so a neighbour's load hits both sides alike; the machine's load average
+is recorded before and after. Models are built from configs with random weights (speed does not depend
+on the weights): a ViT-B/32-shaped CLIP (the quick run keeps its widths but 2 layers per tower) and
+the demo base (`recipes/assets/demo-clip`). Peak memory is measured in a fresh subprocess per
+configuration (peak resident set size of the training steps, Linux `VmHWM` after a reset, minus
+what the interpreter held before the model existed).
+
+Entries: step_overhead, mfu_fp32, mfu_bf16, memory, gradcache_memory, data_pipeline,
+embedding_throughput, faiss (full run only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from finetune.quiet import quiet_third_party_notices
+
+quiet_third_party_notices()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "recipes" / "assets" / "demo-clip"
+
+# name -> (vision width, vision layers, vision heads, vision mlp, patch, image size,
+#          text width, text layers, text heads, text mlp, projection)
+SHAPES = {
+    "vit-b32": (768, 12, 12, 3072, 32, 224, 512, 12, 8, 2048, 512),
+    "vit-b32-2layer": (768, 2, 12, 3072, 32, 224, 512, 2, 8, 2048, 512),
+    "tiny": (32, 2, 2, 64, 8, 32, 32, 2, 2, 64, 32),
+}
+SETTINGS = {  # mode -> what each entry runs
+    "full": dict(shape="vit-b32", batch=8, steps=3, micro=2, memory_batch=8, pipeline_images=32, embed_batch=16, faiss=(100_000, 1_000_000)),
+    "quick": dict(shape="vit-b32-2layer", batch=16, steps=4, micro=2, memory_batch=16, pipeline_images=24, embed_batch=32, faiss=()),
+    "tiny": dict(shape="tiny", batch=8, steps=2, micro=2, memory_batch=8, pipeline_images=4, embed_batch=8, faiss=()),
+}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "mlp.fc1", "mlp.fc2")
+
+
+# ----------------------------------------------------------------------------- the machine
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
+
+
+# ----------------------------------------------------------------------------- models and batches
+
+
+def build_processor(image_size: int):
+    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizerFast
+
+    tokenizer = CLIPTokenizerFast.from_pretrained(DEMO)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_clip(shape: str, vocab_size: int, seed: int = 0):
+    from transformers import CLIPConfig, CLIPModel
+
+    vw, vl, vh, vm, patch, size, tw, tl, th, tm, proj = SHAPES[shape]
+    config = CLIPConfig(
+        vision_config=dict(hidden_size=vw, num_hidden_layers=vl, num_attention_heads=vh, intermediate_size=vm, patch_size=patch, image_size=size),
+        text_config=dict(hidden_size=tw, num_hidden_layers=tl, num_attention_heads=th, intermediate_size=tm, vocab_size=vocab_size, max_position_embeddings=77),
+        projection_dim=proj,
+    )
+    torch.manual_seed(seed)
+    return CLIPModel(config).eval()
+
+
+def shape_dict(shape: str) -> dict:
+    vw, vl, vh, vm, patch, size, tw, tl, th, tm, proj = SHAPES[shape]
+    return {"name": shape, "vision": f"{vl}x{vw} patch {patch} @ {size}px", "text": f"{tl}x{tw}", "projection": proj}
+
+
+def photo_like(width: int, height: int, seed: int):
+    """Smooth structure plus sensor-like noise: what photos look like to a codec."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray((rng.random((12, 16, 3)) * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
+    pixels = np.asarray(coarse).astype(np.float32) + rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def encoded_images(n: int, fmt: str, width: int = 640, height: int = 480) -> list[dict]:
+    out = []
+    for i in range(n):
+        buffer = io.BytesIO()
+        photo_like(width, height, i).save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        out.append({"bytes": buffer.getvalue(), "path": None})
+    return out
+
+
+def collated_batch(processor, n: int, image_size: int) -> dict:
+    """A batch from the toolkit's own collator (PNG rows at the model's size)."""
+    from finetune.collate import ImageTextCollator
+
+    images = encoded_images(n, "PNG", image_size, image_size)
+    captions = ["a large red circle in the top left", "two small blue squares", "a green triangle at the bottom"]
+    rows = [{"image": images[i], "caption": captions[i % 3], "image_index": i, "source_row": i, "image_id": str(i)} for i in range(n)]
+    return ImageTextCollator(processor, 77)(rows)
+
+
+def add_lora(model):
+    from finetune.model import TowerLora
+    from finetune.model import add_lora as toolkit_add_lora
+
+    settings = TowerLora(enabled=True, rank=8, alpha=16.0, dropout=0.0, target_modules=LORA_TARGETS, layers=None)
+    return toolkit_add_lora(model, vision=settings, text=settings, train_projections=False, train_logit_scale=False)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Fastest seconds per call of each fn, calls interleaved round-robin.
+
+    The fastest of several calls, not the median: on a machine shared with other work, slowdowns
+    come from the neighbours, and the minimum is the cost of the code itself (timeit's reasoning)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {k: min(v) for k, v in times.items()}
+
+
+def toolkit_step_fn(model, batch, precision: str):
+    """The toolkit's training step: Accelerate-prepared model, its loss, its step, AdamW."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from finetune.losses import ClipInfoNCE
+    from finetune.step import plain_step
+
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+    params = [p for p in model.parameters() if p.requires_grad]
+    prepared, optimizer = accelerator.prepare(model, torch.optim.AdamW(params, lr=1e-5))
+    loss_fn = ClipInfoNCE()
+    batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    prepared.train()
+
+    def step():
+        plain_step(prepared, batch, loss_fn, gather=True, backward=accelerator.backward)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def minimal_step_fn(model, batch, precision: str):
+    """The reference: plain PyTorch + PEFT, pre-collated tensors, CLIP's loss from the model's logits."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).train()
+    inputs = {k: batch[k].to(device) for k in ("pixel_values", "input_ids", "attention_mask")}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    targets = torch.arange(inputs["pixel_values"].shape[0], device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def step():
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            logits = model(**inputs).logits_per_image
+        loss = 0.5 * (F.cross_entropy(logits.float(), targets) + F.cross_entropy(logits.float().T, targets))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def entry(name: str, *, model: dict | None, batch: int | None, precision: str | None, measured: dict,
+          ratio: float | None, target: str, met: bool | None, notes: str = "") -> dict:
+    return {"name": name, "model": model, "batch": batch, "precision": precision, "measured": measured,
+            "ratio": None if ratio is None else round(ratio, 4), "target": target, "met": met, "notes": notes}
+
+
+# ----------------------------------------------------------------------------- entries
+
+
+def bench_step_overhead(s: dict, processor, shape: str, label: str) -> tuple[dict, float]:
+    from peft import LoraConfig, get_peft_model
+
+    vocab = len(processor.tokenizer)
+    image_size = SHAPES[shape][5] if shape in SHAPES else processor.image_processor.crop_size["height"]
+    batch = collated_batch(processor, s["batch"], image_size)
+    toolkit_model = add_lora(build_clip(shape, vocab) if shape in SHAPES else load_demo())
+    minimal_model = build_clip(shape, vocab) if shape in SHAPES else load_demo()
+    targets = [n for n, m in toolkit_model.get_base_model().named_modules() if hasattr(m, "lora_A")]
+    minimal_model = get_peft_model(minimal_model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+    fns = {"toolkit": toolkit_step_fn(toolkit_model, batch, "no"), "minimal": minimal_step_fn(minimal_model, batch, "no")}
+    times = interleaved(fns, s["steps"])
+    ratio = times["minimal"] / times["toolkit"]
+    images_per_s = s["batch"] / times["toolkit"]
+    return entry(
+        f"step_overhead[{label}]", model=shape_dict(shape) if shape in SHAPES else {"name": "demo base"}, batch=s["batch"], precision="fp32",
+        measured={"toolkit_s_per_step": round(times["toolkit"], 4), "minimal_s_per_step": round(times["minimal"], 4), "toolkit_images_per_s": round(images_per_s, 2)},
+        ratio=ratio, target="minimal/toolkit step time >= 0.97", met=ratio >= 0.97,
+    ), images_per_s
+
+
+def load_demo():
+    from transformers import CLIPModel
+
+    return CLIPModel.from_pretrained(DEMO).eval()
+
+
+def matmul_flops_per_s(dtype: torch.dtype, n: int, repeats: int) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    seconds = interleaved({"mm": lambda: a @ b}, repeats)["mm"]
+    return 2 * n**3 / seconds
+
+
+def bench_mfu(s: dict, processor, shape: str, precision: str, matmul_n: int) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    model = add_lora(build_clip(shape, len(processor.tokenizer)))
+    batch = collated_batch(processor, s["batch"], SHAPES[shape][5])
+    step = toolkit_step_fn(model, batch, "no" if precision == "fp32" else "bf16")
+    step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    mm = matmul_flops_per_s(dtype, matmul_n, max(3, s["steps"]))
+    seconds = interleaved({"step": step}, s["steps"], warmup=0)["step"]
+    mm_after = matmul_flops_per_s(dtype, matmul_n, max(3, s["steps"]))
+    peak = max(mm, mm_after)
+    achieved = flops / seconds
+    mfu = achieved / peak
+    return entry(
+        f"mfu_{precision}", model=shape_dict(shape), batch=s["batch"], precision=precision,
+        measured={"step_flops": flops, "step_s": round(seconds, 4), "achieved_gflops": round(achieved / 1e9, 2),
+                  "matmul_gflops": round(peak / 1e9, 2), "matmul_n": matmul_n},
+        ratio=mfu, target="achieved FLOP/s >= 0.40 x large-matmul FLOP/s", met=mfu >= 0.40,
+    )
+
+
+# --- memory: one subprocess per configuration
+
+
+def _vm(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_probe(spec: dict) -> dict:
+    """Runs in a fresh interpreter: build, train `steps` steps, report peak RSS above the start."""
+    import gc
+
+    import bitsandbytes  # noqa: F401  everything imported before the baseline is read
+    import peft  # noqa: F401
+    from transformers import BitsAndBytesConfig, CLIPModel
+
+    from finetune import model as _model  # noqa: F401
+    from finetune.losses import ClipInfoNCE
+    from finetune.quantize import full_precision_modules, prepare_quantized_for_training
+    from finetune.step import cached_contrastive_step, plain_step
+
+    processor = build_processor(SHAPES[spec["shape"]][5])
+    batch = collated_batch(processor, spec["batch"], SHAPES[spec["shape"]][5])
+    gc.collect()
+    start = _vm("VmRSS")
+    model = build_clip(spec["shape"], len(processor.tokenizer))
+    if spec["method"] == "qlora":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            config = model.config
+            del model
+            gc.collect()
+            start = _vm("VmRSS")  # the fp32 model written out is not part of QLoRA's footprint
+            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                       bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=full_precision_modules(config))
+            model = CLIPModel.from_pretrained(tmp, quantization_config=quant, device_map={"": "cpu"})
+        model = prepare_quantized_for_training(model)
+    if spec["method"] in ("lora", "qlora"):
+        model = add_lora(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    loss_fn = ClipInfoNCE()
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    except OSError:
+        pass
+    for _ in range(spec["steps"]):
+        if spec.get("micro"):
+            cached_contrastive_step(model, batch, loss_fn, gather=False, micro_batch_size=spec["micro"], backward=torch.Tensor.backward)
+        else:
+            plain_step(model, batch, loss_fn, gather=False, backward=torch.Tensor.backward)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"peak_mib": round((_vm("VmHWM") - start) / 2**20, 1), "trainable": sum(p.numel() for p in params)}
+
+
+def run_probe(spec: dict) -> dict:
+    if spec["shape"] == "tiny":  # the test's setting: in-process, numbers meaningless, seconds not minutes
+        return memory_probe(spec)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, __file__, "--memory-probe", json.dumps(spec)], capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe {spec} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(s: dict, shape: str) -> dict:
+    common = dict(shape=shape, batch=s["memory_batch"], steps=2)
+    peaks = {m: run_probe({**common, "method": m}) for m in tqdm(("full", "lora", "qlora"), desc="memory", leave=False)}
+    lora, qlora = _ratio(peaks["lora"]["peak_mib"], peaks["full"]["peak_mib"]), _ratio(peaks["qlora"]["peak_mib"], peaks["full"]["peak_mib"])
+    return entry(
+        "memory", model=shape_dict(shape), batch=s["memory_batch"], precision="fp32 (QLoRA: nf4 base, double quant, fp32 compute)",
+        measured={k: v["peak_mib"] for k, v in peaks.items()} | {"lora_over_full": lora, "qlora_over_full": qlora},
+        ratio=lora, target="LoRA <= 0.6x full fine-tuning, QLoRA <= 0.45x", met=None if lora is None else lora <= 0.6 and qlora <= 0.45,
+        notes="peak RSS of 2 training steps (AdamW) above the interpreter's, in a fresh process each",
+    )
+
+
+def bench_gradcache_memory(s: dict, shape: str) -> dict:
+    micro = s["micro"]
+    plain = run_probe(dict(shape=shape, batch=micro, steps=2, method="lora"))
+    cached = run_probe(dict(shape=shape, batch=8 * micro, steps=2, method="lora", micro=micro))
+    ratio = _ratio(cached["peak_mib"], plain["peak_mib"])
+    return entry(
+        "gradcache_memory", model=shape_dict(shape), batch=8 * micro, precision="fp32",
+        measured={"plain_micro_batch": micro, "plain_peak_mib": plain["peak_mib"], "cached_batch": 8 * micro, "cached_peak_mib": cached["peak_mib"]},
+        ratio=ratio, target="peak(cached, batch 8m, micro m) <= 1.3 x peak(plain, batch m)", met=None if ratio is None else ratio <= 1.3,
+        notes="LoRA; peak includes the frozen weights both sides hold",
+    )
+
+
+def bench_data_pipeline(s: dict, model_images_per_s: float, image_size: int) -> dict:
+    from transformers import CLIPImageProcessor
+
+    from data_tools.loading import decode_image
+    from data_tools.pipeline import available_cores, default_num_workers, preprocessed_image
+
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    n = s["pipeline_images"]
+    sources = {"jpeg": encoded_images(n, "JPEG"), "png": encoded_images(n, "PNG")}
+    cached = [{"bytes": _png_bytes(preprocessed_image(decode_image(v), processor)), "path": None} for v in sources["jpeg"]]
+
+    def pipeline(values, draft):
+        return lambda: processor(images=[decode_image(v, draft) for v in values], return_tensors="pt")
+
+    fns = {
+        "jpeg_full_decode": pipeline(sources["jpeg"], None),
+        "jpeg_draft": pipeline(sources["jpeg"], image_size),
+        "png": pipeline(sources["png"], image_size),
+        "preresized_cache": pipeline(cached, image_size),
+    }
+    times = interleaved(fns, repeats=max(2, s["steps"] // 2))
+    per_worker = {k: round(n / t, 1) for k, t in times.items()}
+    workers = default_num_workers(available_cores(), 1)
+    default_rate = per_worker["jpeg_draft"] * workers  # recipe defaults: auto workers, JPEG draft decoding
+    ratio = default_rate / model_images_per_s
+    return entry(
+        "data_pipeline", model={"images": "640x480 photo-like", "to": f"{image_size}px"}, batch=None, precision=None,
+        measured={"images_per_s_per_worker": per_worker, "default_workers": workers, "model_train_images_per_s": round(model_images_per_s, 2)},
+        ratio=ratio, target="default workers x JPEG-draft images/s >= 1.2 x the model's training images/s", met=ratio >= 1.2,
+        notes="per-worker rates measured in one process; the model rate is the toolkit step of step_overhead",
+    )
+
+
+def _ratio(a: float, b: float) -> float | None:
+    """a / b, or None where b is zero (the tiny setting's in-process memory probe can measure 0)."""
+    return round(a / b, 4) if b > 0 else None
+
+
+def _png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def bench_embedding(s: dict, processor, shape: str) -> dict:
+    """Image-tower throughput fp32 vs bf16 autocast vs int8 dynamic quantization (torch), and R@1 on the demo."""
+    model = build_clip(shape, len(processor.tokenizer))
+    int8 = torch.ao.quantization.quantize_dynamic(build_clip(shape, len(processor.tokenizer)), {torch.nn.Linear}, dtype=torch.qint8)
+    size = SHAPES[shape][5]
+    pixels = torch.randn(s["embed_batch"], 3, size, size)
+
+    def embed(m, dtype=None):
+        def run():
+            with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                m.get_image_features(pixel_values=pixels)
+        return run
+
+    times = interleaved({"fp32": embed(model), "bf16": embed(model, torch.bfloat16), "int8": embed(int8)}, max(2, s["steps"] // 2))
+    rate = {k: round(s["embed_batch"] / t, 2) for k, t in times.items()}
+    r1 = demo_r1_by_precision(16 if shape == "tiny" else 300)
+    best = max(("bf16", "int8"), key=lambda k: rate[k])
+    speedup = rate[best] / rate["fp32"]
+    loss = r1["fp32"] - r1[best]
+    return entry(
+        "embedding_throughput", model=shape_dict(shape), batch=s["embed_batch"], precision="fp32 / bf16 autocast / int8 dynamic (torch)",
+        measured={"images_per_s": rate, "demo_source_t2i_R@1": r1, "fastest": best},
+        ratio=speedup, target=">= 2.5x fp32 images/s at <= 0.5 pt R@1 loss", met=speedup >= 2.5 and loss <= 0.5,
+        notes="R@1 of the demo base on its source eval set (300 images in quick/full); no export/quantize command exists on this branch",
+    )
+
+
+def demo_r1_by_precision(num_images: int) -> dict[str, float]:
+    from data_tools.loading import RetrievalSet, load_image_text_dataset
+    from finetune.evaluate import evaluate_retrieval
+    from finetune.model import load_model
+
+    model, processor = load_model(str(DEMO))
+    pairs = load_image_text_dataset(key="benchmark", path=None, name=None, revision=None, data_files=None, split="train",
+                                    image_column="image", caption_column="caption", image_id_column=None, label_column=None,
+                                    max_samples=None, synthetic=dict(domain="source", num_images=num_images, captions_per_image=1, image_size=32, seed=1))
+    sets = {"source": RetrievalSet.from_pairs(pairs)}
+    out = {}
+    variants = {
+        "fp32": (model, None),
+        "bf16": (model, torch.bfloat16),
+        "int8": (torch.ao.quantization.quantize_dynamic(load_model(str(DEMO))[0], {torch.nn.Linear}, dtype=torch.qint8), None),
+    }
+    for name, (m, dtype) in variants.items():
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            results, _ = evaluate_retrieval(m, processor=processor, sets=sets, batch_size=256, max_text_length=77, ks=(1,), num_workers=0, desc=name)
+        out[name] = results["source"]["t2i"]["R@1"]
+    return out
+
+
+def clustered_vectors(n: int, dim: int, rng, clusters: int = 1000, rank: int = 24) -> np.ndarray:
+    """Embedding-like data: clusters whose members vary along a few directions of their own
+    (low intrinsic dimension, like real image embeddings), plus a little isotropic noise; unit rows."""
+    centers = rng.standard_normal((clusters, dim), dtype=np.float32)
+    members = rng.integers(0, clusters, n)
+    out = np.empty((n, dim), dtype=np.float32)
+    for c in range(clusters):  # one (members, rank) @ (rank, dim) product per cluster: no big temporaries
+        rows = np.flatnonzero(members == c)
+        basis = rng.standard_normal((rank, dim), dtype=np.float32) / np.sqrt(rank)
+        z = rng.standard_normal((len(rows), rank), dtype=np.float32)
+        out[rows] = centers[c] + 0.8 * (z @ basis) + 0.05 * rng.standard_normal((len(rows), dim), dtype=np.float32)
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    return out
+
+
+def bench_faiss(sizes: tuple[int, ...], dim: int = 512) -> list[dict]:
+    import faiss
+
+    out = []
+    rng = np.random.default_rng(0)
+    for n in tqdm(sizes, desc="faiss", leave=False):
+        data = clustered_vectors(n, dim, rng)
+        queries = data[rng.choice(n, 100, replace=False)] + 0.02 * rng.standard_normal((100, dim), dtype=np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        nlist = 1 << int(np.log2(np.sqrt(n)))  # ~sqrt(n) lists: 256 at 100k, 512 at 1M
+        # 32-byte fast-scan PQ codes find candidates, 4-bit scalar codes (256 bytes) re-rank them: 0.14x flat's
+        # bytes. (Plain `PQ64` trains polysemous codes by default: 280 s at 100k here, for nothing we use.)
+        factory = f"IVF{nlist},PQ64x4fs,Refine(SQ4)"
+        results = {}
+        for name, spec in (("flat", "Flat"), ("ivfpq", factory)):
+            index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+            start = time.perf_counter()
+            if not index.is_trained:
+                index.train(data[rng.choice(n, min(n, 64 * nlist), replace=False)])
+            index.add(data)
+            build = time.perf_counter() - start
+            params = None
+            if name == "ivfpq":
+                params = faiss.IndexRefineSearchParameters(k_factor=8, base_index_params=faiss.SearchParametersIVF(nprobe=16))
+            search = (lambda q, p=params, i=index: i.search(q, 10, params=p)) if params is not None else (lambda q, i=index: i.search(q, 10))
+            t1 = interleaved({"q": lambda: search(queries[:1])}, 10)["q"]
+            t100 = interleaved({"q": lambda: search(queries)}, 3)["q"]
+            _, ids = search(queries)
+            results[name] = {"build_s": round(build, 2), "query_ms_batch1": round(t1 * 1e3, 3), "query_ms_batch100": round(t100 * 1e3, 2),
+                             "memory_mib": round(faiss.serialize_index(index).nbytes / 2**20, 1), "ids": ids}
+            del index
+        exact = results["flat"].pop("ids")
+        approx = results["ivfpq"].pop("ids")
+        recall = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)]))
+        speed = results["flat"]["query_ms_batch100"] / results["ivfpq"]["query_ms_batch100"]
+        speed1 = results["flat"]["query_ms_batch1"] / results["ivfpq"]["query_ms_batch1"]
+        memory = results["ivfpq"]["memory_mib"] / results["flat"]["memory_mib"]
+        out.append(entry(
+            f"faiss[{n}]", model={"vectors": n, "dim": dim, "data": "1000 clusters of rank 24 + noise, unit rows"}, batch=100, precision="fp32",
+            measured={**results, "index": factory + ", nprobe 16, re-rank 80", "recall_at_10": round(recall, 4),
+                      "speedup_batch100": round(speed, 2), "speedup_batch1": round(speed1, 2), "memory_ratio": round(memory, 4)},
+            ratio=speed, target="at 1M: >= 50x faster than flat at recall@10 >= 0.95, <= 0.2x its memory",
+            met=(speed >= 50 and recall >= 0.95 and memory <= 0.2) if n >= 1_000_000 else None,
+            notes="the index chooser belongs to the export/index command (not on this branch): this IVF-PQ + re-rank is the benchmark's pick",
+        ))
+        del data
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def markdown_table(doc: dict) -> str:
+    """One row per entry: figure, model, batch, precision, ratio, target, met; the machine underneath."""
+    m = doc["machine"]
+    lines = ["| figure | model | batch | precision | ratio | target | met |", "|---|---|---|---|---|---|---|"]
+    for e in doc["entries"]:
+        model = (e["model"] or {}).get("name") or ", ".join(f"{k} {v}" for k, v in (e["model"] or {}).items())
+        met = {True: "yes", False: "**no**", None: "n/a"}[e["met"]]
+        ratio = "" if e["ratio"] is None else f"{e['ratio']:.3g}"
+        lines.append(f"| {e['name']} | {model} | {e['batch'] or ''} | {e['precision'] or ''} | {ratio} | {e['target']} | {met} |")
+    lines.append("")
+    lines.append(
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, GPU {m['gpu'] or 'none'}, torch {m['torch']}; "
+        f"load average {doc['load_average_before']} before, {doc['load_average_after']} after; {doc['mode']} run, {doc['seconds']} s."
+    )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2-layer towers, fewer steps: about 2 minutes on 2 CPU cores")
+    parser.add_argument("--tiny", action="store_true", help="the tiniest setting (the test suite's): seconds, numbers meaningless")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--skip", nargs="*", default=[], help="entries to leave out (e.g. faiss embedding_throughput)")
+    parser.add_argument("--table", default=None, metavar="JSON", help="print a saved run as the README's markdown table")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())))
+        return 0
+    if args.memory_probe:
+        print(json.dumps(memory_probe(json.loads(args.memory_probe))))
+        return 0
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    s = SETTINGS[mode]
+    shape = s["shape"]
+    started = time.time()
+    doc = {"mode": mode, "machine": machine(), "load_average_before": load_average(), "entries": []}
+    processor = build_processor(SHAPES[shape][5])
+    matmul_n = 256 if mode == "tiny" else 2048
+    jobs = [
+        ("step_overhead", lambda: bench_step_overhead(s, processor, shape, shape)),
+        ("step_overhead", lambda: bench_step_overhead(s, build_processor(32), "demo", "demo base")),
+        ("mfu_fp32", lambda: bench_mfu(s, processor, shape, "fp32", matmul_n)),
+        ("mfu_bf16", lambda: bench_mfu(s, processor, shape, "bf16", matmul_n)),
+        ("memory", lambda: bench_memory(s, shape)),
+        ("gradcache_memory", lambda: bench_gradcache_memory(s, shape)),
+        ("data_pipeline", lambda: bench_data_pipeline(s, model_rate, SHAPES[shape][5])),
+        ("embedding_throughput", lambda: bench_embedding(s, processor, shape)),
+        ("faiss", lambda: bench_faiss(s["faiss"])),
+    ]
+    model_rate = None
+    for name, job in tqdm(jobs, desc="benchmark"):
+        if name in args.skip or (name == "faiss" and not s["faiss"]):
+            continue
+        job_start = time.time()
+        result = job()
+        if isinstance(result, tuple):
+            result, rate = result
+            model_rate = model_rate or rate  # the first step entry: the benchmark shape's training rate
+        for e in result if isinstance(result, list) else [result]:
+            e["seconds"] = round(time.time() - job_start, 1)
+            doc["entries"].append(e)
+        write_doc(doc, args.out, started, complete=False)  # a run cut short keeps what it measured
+    text = write_doc(doc, args.out, started, complete=True)
+    print(text)
+    reset_accelerate()
+    return 0
+
+
+def reset_accelerate() -> None:
+    """Forget the Accelerators the entries made (a caller in the same process starts clean)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def write_doc(doc: dict, out: str | None, started: float, *, complete: bool) -> str:
+    doc["complete"] = complete
+    doc["load_average_after"] = load_average()
+    doc["seconds"] = round(time.time() - started, 1)
+    text = json.dumps(doc, indent=2)
+    if out:
+        from finetune.io import atomic_write_text
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(out), text + "\n")
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())
