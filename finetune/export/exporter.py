@@ -127,7 +127,7 @@ def export_run(
             "r_at_k_delta_points": {
                 d: {m: float(results[dtype]["target"][d][m]) - float(fp32_results["target"][d][m])
                     for m in fp32_results["target"][d] if m.startswith("R@")}
-                for d in fp32_results["target"]
+                for d in ("t2i", "i2t") if d in fp32_results["target"]
             },
             "throughput": speed,
             "throughput_ratio_vs_fp32": {

@@ -102,10 +102,12 @@ def embedding_throughput(
 
 
 def r1_drops(reference: dict, candidate: dict, eval_set: str = "target") -> dict[str, float]:
-    """{direction: reference R@1 - candidate R@1} in points (positive = the candidate is worse)."""
+    """{direction: reference R@1 - candidate R@1} in points (positive = the candidate is worse), for the
+    retrieval directions (a labelled set's results also hold class-level rows, which have no R@1)."""
     return {
         direction: float(reference[eval_set][direction]["R@1"]) - float(candidate[eval_set][direction]["R@1"])
-        for direction in reference[eval_set]
+        for direction in ("t2i", "i2t")
+        if direction in reference[eval_set]
     }
 
 

@@ -32,3 +32,16 @@ def test_export_errors_name_the_key(export, message):
     with pytest.raises(ConfigError) as err:
         validate_config({**BASE, "export": export})
     assert message in str(err.value)
+
+
+def test_the_gate_reads_retrieval_rows_of_a_labelled_set_and_ignores_class_rows():
+    from finetune.export.quantize import QualityGateError, quality_gate, r1_drops
+
+    def results(t2i, i2t):
+        return {"target": {"t2i": {"R@1": t2i, "R@5": 90.0}, "i2t": {"R@1": i2t}, "classification": {"top1": 50.0},
+                           "per_class": {"circle": {"t2i_R@1": 1.0}}}}
+
+    assert r1_drops(results(50.0, 40.0), results(49.75, 40.5)) == {"t2i": 0.25, "i2t": -0.5}
+    quality_gate(results(50.0, 40.0), results(49.75, 40.5), dtype="int8", max_r1_drop=0.5)  # passes
+    with pytest.raises(QualityGateError, match=r"t2i R@1 50.00 -> 49.00 \(-1.00\)"):
+        quality_gate(results(50.0, 40.0), results(49.0, 40.0), dtype="int8", max_r1_drop=0.5)
