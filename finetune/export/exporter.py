@@ -33,11 +33,22 @@ INT8_METHOD = "torch.ao.quantization.quantize_dynamic(nn.Linear, per-channel qin
 
 
 def load_eval_sets(cfg) -> dict:
-    """The run's eval sets (target, and source when the recipe has one), as RetrievalSets."""
+    """The run's eval sets (target, and source when the recipe has one), as RetrievalSets.
+
+    A run evaluated per language only (a swapped text tower) has no data.eval.target: its first
+    language set stands in as the target the alpha rule and the quality gate read, and says so.
+    """
     from data_tools.loading import RetrievalSet, load_image_text_dataset
     from finetune.train import dataset_arguments
 
-    specs = {"target": cfg.data.eval.target}
+    target = cfg.data.eval.target
+    if target is None:
+        languages = cfg.data.eval.languages or {}
+        if not languages:
+            raise ExportError("the run's recipe has neither data.eval.target nor data.eval.languages: nothing to evaluate an export on")
+        code, target = next(iter(languages.items()))
+        print(f"No data.eval.target in the run's recipe: export evaluates data.eval.languages.{code} as its target")
+    specs = {"target": target}
     if cfg.data.eval.source is not None:
         specs["source"] = cfg.data.eval.source
     return {

@@ -45,3 +45,17 @@ def test_the_gate_reads_retrieval_rows_of_a_labelled_set_and_ignores_class_rows(
     quality_gate(results(50.0, 40.0), results(49.75, 40.5), dtype="int8", max_r1_drop=0.5)  # passes
     with pytest.raises(QualityGateError, match=r"t2i R@1 50.00 -> 49.00 \(-1.00\)"):
         quality_gate(results(50.0, 40.0), results(49.0, 40.0), dtype="int8", max_r1_drop=0.5)
+
+
+def test_a_per_language_run_exports_against_its_first_language_set(capsys):
+    """A swapped-text-tower run has data.eval.languages and no target: export reads the first language."""
+    from finetune.config import load_config
+    from finetune.export.exporter import load_eval_sets
+
+    small = [f"data.eval.languages.{code}.synthetic.num_images=3" for code in ("en", "de", "es", "zh")]
+    cfg = load_config("recipes/multilingual_demo.yaml", small)
+    assert cfg.data.eval.target is None
+    sets = load_eval_sets(cfg)
+    assert list(sets) == ["target"] and sets["target"].num_images == 3
+    assert sets["target"].captions[0].isascii()  # the English set, the first listed
+    assert "export evaluates data.eval.languages.en as its target" in capsys.readouterr().out
