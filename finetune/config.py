@@ -370,7 +370,9 @@ class TrainConfig(Section):
         description="Rows embedded with autograd at once (GradCache): memory of micro_batch_size, negatives of "
         "batch_size. null = the whole batch at once.",
     )
-    max_steps: int | None = Field(default=None, gt=0, description="Optimizer steps to run.")
+    max_steps: int | None = Field(
+        default=None, ge=0, description="Optimizer steps to run (0 only with distill: stage 1 alone, no contrastive stage)."
+    )
     epochs: float | None = Field(default=None, gt=0, description="Alternative to max_steps.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         default="no", description="bf16 on CPUs and recent GPUs; fp16 (with loss scaling) for GPUs without bf16."
@@ -534,6 +536,12 @@ class RecipeConfig(Section):
     distill: DistillConfig | None = Field(
         default=None, description="Stage 1 before contrastive training: distil the original text tower into model.text_tower."
     )
+
+    @model_validator(mode="after")
+    def zero_steps_only_after_distillation(self) -> "RecipeConfig":
+        if self.train.max_steps == 0 and self.distill is None:
+            raise ValueError("train.max_steps: 0 skips the contrastive stage, which only makes sense after distill (stage 1)")
+        return self
 
     @model_validator(mode="after")
     def distill_needs_text_tower(self) -> "RecipeConfig":

@@ -498,7 +498,9 @@ def count_max_steps(cfg: RecipeConfig, loader, num_pairs: int, accelerator: Acce
             f"{cfg.train.batch_size} x {accelerator.num_processes} processes"
         )
     steps_per_epoch = math.ceil(len(loader) / cfg.train.gradient_accumulation_steps)
-    return cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
+    if cfg.train.max_steps is not None:  # 0 after distillation: stage 1 alone, the adapter stays a no-op
+        return cfg.train.max_steps
+    return math.ceil(cfg.train.epochs * steps_per_epoch)
 
 
 def all_trainable(model, loss_fn) -> list[torch.nn.Parameter]:

@@ -109,3 +109,25 @@ def test_a_resumed_swap_run_continues_on_the_saved_base_without_distilling_again
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
     assert json.loads((cut / "eval" / "results.json").read_text())["distilled"] == json.loads((full / "eval" / "results.json").read_text())["distilled"]
+
+
+def test_stage_two_is_optional(tiny_clip_dir, tiny_xlmr_dir, tmp_path):
+    """train.max_steps=0 after distillation: stage 1 alone; the run's adapter is a no-op, so the
+    adapted numbers are the distilled ones and later commands load the distilled model."""
+    out = tmp_path / "stage1"
+    args = [arg for arg in overrides(tiny_clip_dir, tiny_xlmr_dir, out) if not arg.startswith("train.max_steps=")]
+    assert train.main(["recipes/multilingual_demo.yaml", *args, "train.max_steps=0"]) == 0
+    results = json.loads((out / "eval" / "results.json").read_text())
+    for lang in LANGUAGES:
+        for direction in ("t2i", "i2t"):
+            assert results["adapted"][lang][direction] == pytest.approx(results["distilled"][lang][direction]), (lang, direction)
+    assert not (out / "train_log.jsonl").exists() or (out / "train_log.jsonl").read_text() == ""
+    model, processor = load_adapted(out)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)
+
+
+def test_zero_steps_without_distillation_is_a_recipe_error(tiny_clip_dir, tmp_path, capsys):
+    code = train.main(["recipes/demo.yaml", f"model.name_or_path={tiny_clip_dir}", f"train.output_dir={tmp_path / 'z'}", "train.max_steps=0"])
+    assert code == 2
+    assert "train.max_steps: 0 skips the contrastive stage, which only makes sense after distill" in capsys.readouterr().err
