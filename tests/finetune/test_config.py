@@ -248,10 +248,10 @@ def test_both_towers_disabled(in_tmp):
 
 
 def test_cross_field_and_field_errors_are_reported_together(in_tmp):
-    tree = recipe(optim={"warmup_steps": 3, "warmup_ratio": 0.1}, train={"max_steps": 0})
+    tree = recipe(optim={"warmup_steps": 3, "warmup_ratio": 0.1}, train={"max_steps": -1})
     problems = load_problems(write_recipe(in_tmp, tree))
     assert "optim: set optim.warmup_steps or optim.warmup_ratio, not both" in problems
-    assert "train.max_steps: Input should be greater than 0, got 0" in problems
+    assert "train.max_steps: Input should be greater than or equal to 0, got -1" in problems
     assert len(problems) == 2
 
 
