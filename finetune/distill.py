@@ -272,6 +272,7 @@ def text_swap_stages(cfg, model, processor, *, evaluate, eval_sets: dict, out: P
     del teacher
     if accelerator.is_main_process:
         save_base_model(model, processor, out)
+        saved.parent.mkdir(parents=True, exist_ok=True)  # eval/ exists only if the zero-shot baseline ran
         atomic_write_text(saved, json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
     return model, results

@@ -116,7 +116,8 @@ def test_stage_two_is_optional(tiny_clip_dir, tiny_xlmr_dir, tmp_path):
     adapted numbers are the distilled ones and later commands load the distilled model."""
     out = tmp_path / "stage1"
     args = [arg for arg in overrides(tiny_clip_dir, tiny_xlmr_dir, out) if not arg.startswith("train.max_steps=")]
-    assert train.main(["recipes/multilingual_demo.yaml", *args, "train.max_steps=0"]) == 0
+    # eval.zero_shot=false too: stage 1 writes its results even when no baseline created eval/ first
+    assert train.main(["recipes/multilingual_demo.yaml", *args, "train.max_steps=0", "eval.zero_shot=false"]) == 0
     results = json.loads((out / "eval" / "results.json").read_text())
     for lang in LANGUAGES:
         for direction in ("t2i", "i2t"):
@@ -131,3 +132,34 @@ def test_zero_steps_without_distillation_is_a_recipe_error(tiny_clip_dir, tmp_pa
     code = train.main(["recipes/demo.yaml", f"model.name_or_path={tiny_clip_dir}", f"train.output_dir={tmp_path / 'z'}", "train.max_steps=0"])
     assert code == 2
     assert "train.max_steps: 0 skips the contrastive stage, which only makes sense after distill" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_distil_and_adapt_like_one_with_the_global_batch(tiny_clip_dir, tiny_xlmr_dir, tmp_path):
+    """Stage 1 and stage 2 on 2 CPU processes (gloo): each process distils its shard of every batch and
+    DDP averages, so 2 x batch 8 must give the weights of 1 x batch 16."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+
+    def args(out, distill_batch, batch):
+        kept = [a for a in overrides(tiny_clip_dir, tiny_xlmr_dir, out) if not a.startswith(("distill.batch_size=", "train.batch_size="))]
+        return [*kept, f"distill.batch_size={distill_batch}", f"train.batch_size={batch}", "eval.zero_shot=false", "data.num_workers=0"]
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune.cli", "train", "--num-processes", "2", "--main-process-port", "29531",
+         "recipes/multilingual_demo.yaml", *args(tmp_path / "two", 8, 4)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert train.main(["recipes/multilingual_demo.yaml", *args(tmp_path / "one", 16, 8)]) == 0
+    two = load_file(tmp_path / "two" / "base_model" / "model.safetensors")
+    one = load_file(tmp_path / "one" / "base_model" / "model.safetensors")
+    assert two.keys() == one.keys()
+    text = [k for k in one if k.startswith(("text_model.", "text_projection"))]
+    assert text and max((two[k] - one[k]).abs().max().item() for k in text) < 1e-5
