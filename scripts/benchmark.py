@@ -487,6 +487,11 @@ def clustered_vectors(n: int, dim: int, rng, clusters: int = 1000, rank: int = 2
     return out
 
 
+# (nprobe, re-rank factor) candidates, cheapest first: the benchmark tunes to recall@10 0.95 on held-out
+# queries, as `domainclip index` tunes nprobe to --target-recall.
+OPERATING_POINTS = ((16, 8), (32, 8), (32, 16), (64, 16), (64, 32), (128, 32), (256, 64))
+
+
 def bench_faiss(sizes: tuple[int, ...], dim: int = 512) -> list[dict]:
     import faiss
 
@@ -494,8 +499,11 @@ def bench_faiss(sizes: tuple[int, ...], dim: int = 512) -> list[dict]:
     rng = np.random.default_rng(0)
     for n in tqdm(sizes, desc="faiss", leave=False):
         data = clustered_vectors(n, dim, rng)
-        queries = data[rng.choice(n, 100, replace=False)] + 0.02 * rng.standard_normal((100, dim), dtype=np.float32)
-        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        # Held-out tuning queries pick the operating point; the measured queries are other rows.
+        picks = rng.choice(n, 200, replace=False)
+        noisy = data[picks] + 0.02 * rng.standard_normal((200, dim), dtype=np.float32)
+        noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+        tuning, queries = noisy[:100], noisy[100:]
         nlist = 1 << int(np.log2(np.sqrt(n)))  # ~sqrt(n) lists: 256 at 100k, 512 at 1M
         # 32-byte fast-scan PQ codes find candidates, 4-bit scalar codes (256 bytes) re-rank them: 0.14x flat's
         # bytes. (Plain `PQ64` trains polysemous codes by default: 280 s at 100k here, for nothing we use.)
@@ -509,15 +517,23 @@ def bench_faiss(sizes: tuple[int, ...], dim: int = 512) -> list[dict]:
             index.add(data)
             build = time.perf_counter() - start
             params = None
-            if name == "ivfpq":
-                params = faiss.IndexRefineSearchParameters(k_factor=8, base_index_params=faiss.SearchParametersIVF(nprobe=16))
+            if name == "ivfpq":  # the cheapest (nprobe, re-rank) that reaches recall@10 0.95 on the tuning queries
+                _, truth = exact_index.search(tuning, 10)
+                for nprobe, k_factor in OPERATING_POINTS:
+                    params = faiss.IndexRefineSearchParameters(k_factor=k_factor, base_index_params=faiss.SearchParametersIVF(nprobe=nprobe))
+                    _, found = index.search(tuning, 10, params=params)
+                    if np.mean([len(set(a) & set(e)) / 10 for a, e in zip(found, truth)]) >= 0.95:
+                        break
+                operating_point = f"nprobe {nprobe}, re-rank {10 * k_factor}"
             search = (lambda q, p=params, i=index: i.search(q, 10, params=p)) if params is not None else (lambda q, i=index: i.search(q, 10))
             t1 = interleaved({"q": lambda: search(queries[:1])}, 10)["q"]
             t100 = interleaved({"q": lambda: search(queries)}, 3)["q"]
             _, ids = search(queries)
             results[name] = {"build_s": round(build, 2), "query_ms_batch1": round(t1 * 1e3, 3), "query_ms_batch100": round(t100 * 1e3, 2),
                              "memory_mib": round(faiss.serialize_index(index).nbytes / 2**20, 1), "ids": ids}
-            del index
+            if name == "flat":
+                exact_index = index
+        del exact_index, index
         exact = results["flat"].pop("ids")
         approx = results["ivfpq"].pop("ids")
         recall = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)]))
@@ -526,11 +542,11 @@ def bench_faiss(sizes: tuple[int, ...], dim: int = 512) -> list[dict]:
         memory = results["ivfpq"]["memory_mib"] / results["flat"]["memory_mib"]
         out.append(entry(
             f"faiss[{n}]", model={"vectors": n, "dim": dim, "data": "1000 clusters of rank 24 + noise, unit rows"}, batch=100, precision="fp32",
-            measured={**results, "index": factory + ", nprobe 16, re-rank 80", "recall_at_10": round(recall, 4),
+            measured={**results, "index": f"{factory}, {operating_point}", "recall_at_10": round(recall, 4),
                       "speedup_batch100": round(speed, 2), "speedup_batch1": round(speed1, 2), "memory_ratio": round(memory, 4)},
             ratio=speed, target="at 1M: >= 50x faster than flat at recall@10 >= 0.95, <= 0.2x its memory",
             met=(speed >= 50 and recall >= 0.95 and memory <= 0.2) if n >= 1_000_000 else None,
-            notes="this IVF-PQ + re-rank is the benchmark's own pick; domainclip index chooses by --memory-budget and tunes nprobe to --target-recall",
+            notes="IVF-PQ fast-scan + 4-bit re-rank, operating point tuned on held-out queries; domainclip index chooses its type by --memory-budget",
         ))
         del data
     return out
