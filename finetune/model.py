@@ -234,6 +234,19 @@ def extra_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: scale.detach().clone()} if scale.requires_grad else {}
 
 
+def save_adapter(model: nn.Module, processor, adapter_dir: str | os.PathLike) -> Path:
+    """The adapter folder `load_adapted` reads: PEFT adapter, processor, and any extra trained tensors."""
+    from safetensors.torch import save_file
+
+    adapter_dir = Path(adapter_dir)
+    model.save_pretrained(adapter_dir)
+    save_processor(processor, adapter_dir)
+    extra = extra_trainable_state(model)
+    if extra:
+        save_file({k: v.cpu() for k, v in extra.items()}, adapter_dir / EXTRA_TRAINABLES_FILE)
+    return adapter_dir
+
+
 def load_adapted(run_dir: str | os.PathLike, *, adapter_subdir: str = "adapter"):
     """(adapted model in eval mode, processor) of a finished run, for every command after training.
 

@@ -31,7 +31,6 @@ quiet_third_party_notices()  # before peft imports bitsandbytes
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import get_scheduler  # noqa: E402
@@ -57,16 +56,14 @@ from finetune.io import atomic_write_text  # noqa: E402
 from finetune.losses import ClipInfoNCE  # noqa: E402
 from finetune.metrics import duplicate_caption_texts  # noqa: E402
 from finetune.model import (  # noqa: E402
-    EXTRA_TRAINABLES_FILE,
     LoraSetupError,
     ModelLoadError,
     TowerLora,
     add_lora,
-    extra_trainable_state,
     load_model,
     load_model_config,
     lora_gradient_report,
-    save_processor,
+    save_adapter,
     set_image_size,
     trainable_parameters_by_tower,
 )
@@ -602,12 +599,7 @@ def write_artifacts(
     """Adapter + processor (+ extra trained tensors), results JSON/markdown/PNG, model cards."""
     if not accelerator.is_main_process:
         return
-    adapter_dir = out / "adapter"
-    model.save_pretrained(adapter_dir)
-    save_processor(processor, adapter_dir)
-    extra = extra_trainable_state(model)
-    if extra:
-        save_file({k: v.cpu() for k, v in extra.items()}, adapter_dir / EXTRA_TRAINABLES_FILE)
+    adapter_dir = save_adapter(model, processor, out / "adapter")
     notes = eval_set_notes(eval_sets)
     lead = instance_recall_misleads(eval_sets)
     files = write_results(results, out / "eval", set_notes=notes, lead_with_classes=lead)

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from finetune.config import save_config, validate_config
-from finetune.model import EXTRA_TRAINABLES_FILE, add_lora, extra_trainable_state, load_model, save_processor
+from finetune.model import add_lora, load_model, save_adapter
 from finetune.towers import logit_scale
 
 
@@ -43,12 +42,7 @@ def make_run(run_dir: Path, base_dir: Path, *, train_projections: bool = False, 
                 param.add_(torch.randn(param.shape, generator=g) * lora_scale)
         if train_logit_scale:
             logit_scale(peft_model).add_(0.7)
-    adapter = run_dir / "adapter"
-    peft_model.save_pretrained(adapter)
-    save_processor(processor, adapter)
-    extra = extra_trainable_state(peft_model)
-    if extra:
-        save_file({k: v.cpu() for k, v in extra.items()}, adapter / EXTRA_TRAINABLES_FILE)
+    save_adapter(peft_model, processor, run_dir / "adapter")  # what a training run writes
     save_config(cfg, run_dir / "config.yaml")
     return run_dir
 
