@@ -59,6 +59,8 @@ class TrainerState:
     skipped_batches: int = 0  # batches dropped on every process because one of them had no readable image
     train_seconds: float = 0.0
     config: dict = field(default_factory=dict)  # the resolved recipe the run was started with
+    negatives_in_use: str | None = None  # mining: the mined file (relative to the output folder) this epoch's batches follow
+    latest_negatives: str | None = None  # mining: the newest mined file, taken up by the next epoch
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

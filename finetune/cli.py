@@ -8,6 +8,7 @@
     domainclip search INDEX_DIR --text "..." | --image PATH [--text "..." --weight 0.5] [-k 10] [--json]
     domainclip push RUN_OR_EXPORT_DIR --repo user/name [--private] [--dry-run]
     domainclip data inspect recipes/demo.yaml [key.sub=value ...] [--out DIR] [--decode]   a data report
+    domainclip mine recipes/demo.yaml [key.sub=value ...] [--adapter RUN_DIR] [--out FILE]  hard negatives + guard counts
 
 `train` validates the recipe once, before any process starts, so a bad recipe gets one clean error. With
 `--num-processes N` (N > 1) it runs `accelerate launch` with every launcher setting spelled out (on a
@@ -57,6 +58,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in EXPORT_COMMANDS:  # each parses its own options (finetune/export/commands.py)
         return _export_commands()[argv[0]](argv[1:])
+    if argv and argv[0] == "mine":  # finetune/mine.py parses its own options
+        from finetune.mine import main as mine_main
+
+        return mine_main(argv[1:])
     parser = argparse.ArgumentParser(prog="domainclip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="adapt a checkpoint with a recipe")
@@ -72,6 +77,7 @@ def main(argv=None) -> int:
                        ("search", "query an index by text, image or both"),
                        ("push", "upload a run or export with a model card (or --dry-run)")):
         sub.add_parser(name, help=f"{text}; `domainclip {name} --help`", add_help=False)
+    sub.add_parser("mine", help="mine cross-modal hard negatives for data.train; `domainclip mine --help`", add_help=False)
     data = sub.add_parser("data", help="look at a recipe's datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     inspect = data_sub.add_parser("inspect", help="a report per dataset: counts, classes, bad images, duplicates, leakage")

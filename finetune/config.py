@@ -521,6 +521,45 @@ class DistillConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------- mining
+
+
+class MiningConfig(Section):
+    """Offline cross-modal hard-negative mining (data_tools/mining.py) and the batch sampler that puts each
+    anchor's mined negatives in its global batch. `domainclip mine` runs the mining alone."""
+
+    enabled: bool = Field(default=False, description="Mine at step 0 (and every refresh_every_steps) and compose batches around the negatives.")
+    directions: list[Literal["t2i", "i2t"]] = Field(
+        default_factory=lambda: ["t2i", "i2t"], min_length=1,
+        description="t2i: caption anchors, image negatives; i2t: image anchors (one per pair), caption negatives.",
+    )
+    negatives_per_anchor: int = Field(default=4, gt=0, description="Negatives kept per anchor and direction in the mined file.")
+    rank_min: int = Field(default=1, ge=1, description="First search rank considered (1 = the nearest; positives count in the ranks).")
+    rank_max: int = Field(default=64, ge=1, description="Last search rank considered: FAISS returns this many candidates per anchor.")
+    absolute_margin: float = Field(default=0.0, ge=0, description="Keep a negative only if score <= positive score - this (cosine).")
+    relative_margin: float = Field(
+        default=0.05, ge=0, lt=1, description="Keep a negative only if score <= positive - this x |positive| (0.05: 95% of the positive)."
+    )
+    near_duplicate_threshold: float = Field(
+        default=0.98, gt=0, le=1, description="Guard: an image with cosine above this to the anchor's image is a near duplicate, never a negative."
+    )
+    sampling: Literal["top", "random"] = Field(
+        default="top", description="Which eligible candidates to keep: the highest-scoring, or drawn at random (seeded)."
+    )
+    refresh_every_steps: int | None = Field(
+        default=None, gt=0, description="Re-mine with the current adapted model every N optimizer steps; used from the next epoch. null = step 0 only."
+    )
+    negatives_per_anchor_in_batch: int = Field(
+        default=2, ge=0, description="Mined negatives the batch sampler places in each anchor's global batch (0 = mine but keep the base order)."
+    )
+
+    @model_validator(mode="after")
+    def window_holds_negatives(self) -> "MiningConfig":
+        if self.rank_min > self.rank_max:
+            raise ValueError(f"mining.rank_min ({self.rank_min}) must be <= mining.rank_max ({self.rank_max})")
+        return self
+
+
 class RecipeConfig(Section):
     model: ModelConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -536,6 +575,7 @@ class RecipeConfig(Section):
     distill: DistillConfig | None = Field(
         default=None, description="Stage 1 before contrastive training: distil the original text tower into model.text_tower."
     )
+    mining: MiningConfig = Field(default_factory=MiningConfig)
 
     @model_validator(mode="after")
     def zero_steps_only_after_distillation(self) -> "RecipeConfig":
@@ -578,6 +618,15 @@ class RecipeConfig(Section):
             needs.append("loss.same_label_negatives=false")
         if needs:
             raise ValueError(f"{', '.join(needs)} need class labels: set data.train.label_column (e.g. label)")
+        return self
+
+    @model_validator(mode="after")
+    def mined_negatives_fit_a_batch(self) -> "RecipeConfig":
+        if self.mining.enabled and self.mining.negatives_per_anchor_in_batch >= self.train.batch_size:
+            raise ValueError(
+                f"mining.negatives_per_anchor_in_batch ({self.mining.negatives_per_anchor_in_batch}) must be < train.batch_size "
+                f"({self.train.batch_size}): an anchor and its negatives share one batch"
+            )
         return self
 
     @model_validator(mode="after")

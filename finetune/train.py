@@ -55,6 +55,7 @@ from finetune.evaluate import evaluate_retrieval  # noqa: E402
 from finetune.io import atomic_write_text  # noqa: E402
 from finetune.losses import ClipInfoNCE  # noqa: E402
 from finetune.metrics import duplicate_caption_texts  # noqa: E402
+from finetune.mine import Miner, build_mined_sampler  # noqa: E402
 from finetune.model import (  # noqa: E402
     LoraSetupError,
     ModelLoadError,
@@ -136,10 +137,14 @@ def run(cfg: RecipeConfig) -> int:
     max_steps = count_max_steps(cfg, train_loader, len(train_pairs), accelerator)
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model, loss_fn, max_steps, accelerator)
     state = resume(accelerator, checkpoint, cfg, out)
+    miner = build_miner(cfg, processor, train_pairs, max_text_length, accelerator, out)
+    if miner is not None:
+        miner.start(accelerator.unwrap_model(model), state)  # step 0's negatives (a resumed run has its files)
 
     state = train_loop(
         cfg, accelerator, model, step, loss_fn, optimizer, scheduler, train_loader, sampler, state, max_steps,
         evaluate=partial(evaluate, sets=dict([next(iter(eval_sets.items()))])), out=out,  # target (or the first language)
+        miner=miner,
     )
 
     results["adapted"], skipped_eval = evaluate(accelerator.unwrap_model(model), sets=eval_sets, desc="adapted")
@@ -155,7 +160,7 @@ def run(cfg: RecipeConfig) -> int:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_loop(cfg, accelerator, model, step, loss_fn, optimizer, scheduler, loader, sampler, state, max_steps, *, evaluate, out):
+def train_loop(cfg, accelerator, model, step, loss_fn, optimizer, scheduler, loader, sampler, state, max_steps, *, evaluate, out, miner=None):
     log_file = out / "train_log.jsonl"
     progress = tqdm(total=max_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process)
     last_saved = state.step if state.step else -1  # a resumed run starts on a saved checkpoint
@@ -165,6 +170,8 @@ def train_loop(cfg, accelerator, model, step, loss_fn, optimizer, scheduler, loa
     model.train()
     while state.step < max_steps:
         sampler.epoch = state.epoch
+        if miner is not None:  # the mined file this epoch's batches are composed around
+            miner.start_epoch(state, sampler)
         if hasattr(loader.dataset, "epoch"):  # label-only rows draw their template per epoch
             loader.dataset.epoch = state.epoch
         skip = state.batches_done_in_epoch
@@ -206,6 +213,8 @@ def train_loop(cfg, accelerator, model, step, loss_fn, optimizer, scheduler, loa
                     name, metrics = next(iter(periodic.items()))
                     progress.write(f"step {state.step}: {name} t2i R@1 {metrics['t2i']['R@1']:.2f}")
                     append_log(log_file, {"step": state.step, "eval": periodic})
+            if miner is not None:  # a refresh is written before this step's checkpoint, which records it
+                miner.after_step(accelerator.unwrap_model(model), state, max_steps)
             if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
                 pending_skipped = checkpoint(accelerator, cfg, out, state, pending_skipped)
                 last_saved = state.step
@@ -445,6 +454,13 @@ def build_step(cfg: RecipeConfig, accelerator: Accelerator):
     )
 
 
+def build_miner(cfg: RecipeConfig, processor, train_pairs: TrainingSet, max_text_length: int, accelerator: Accelerator, out: Path):
+    """Hard-negative mining hooks for the loop (finetune/mine.py), or None when mining is off."""
+    if not cfg.mining.enabled:
+        return None
+    return Miner(cfg, processor, train_pairs, max_text_length, loader_workers(cfg, accelerator), accelerator, out, log=accelerator.print)
+
+
 def loader_workers(cfg: RecipeConfig, accelerator: Accelerator) -> int:
     if cfg.data.num_workers != "auto":
         return cfg.data.num_workers
@@ -455,7 +471,7 @@ def build_train_loader(cfg: RecipeConfig, train_pairs: TrainingSet, processor, m
     if cfg.data.cache_preprocessed:
         with accelerator.main_process_first():  # one process resizes; the others read its datasets cache
             train_pairs = dataclasses.replace(train_pairs, pairs=cache_preprocessed_images(train_pairs.pairs, processor.image_processor))
-    sampler = build_sampler(cfg, train_pairs)
+    sampler = build_mined_sampler(cfg, build_sampler(cfg, train_pairs), accelerator.num_processes)
     workers = loader_workers(cfg, accelerator)
     draft = processor_target_size(processor.image_processor) if cfg.data.decode_draft else None
     dataset = training_dataset(cfg, train_pairs)
