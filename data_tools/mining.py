@@ -125,12 +125,14 @@ def mine_hard_negatives(
     image_labels: list[str | None] | None,
     image_hashes: list[str],
     settings: MiningSettings,
+    anchors: np.ndarray | None = None,
 ) -> MiningResult:
     """Mine per the module docstring.
 
     image_emb (N_img, D) and text_emb (N_txt, D): L2-normalised. Caption i is a caption of image
     text_to_image[i] and is pair row pair_rows[i]; image_ids, image_labels (None = unlabelled) and
-    image_hashes are per image; captions per caption.
+    image_hashes are per image; captions per caption. `anchors`: caption indices to mine for (all by
+    default); every caption and image stays a candidate.
     """
     image_emb = np.asarray(image_emb, dtype=np.float32)
     text_emb = np.asarray(text_emb, dtype=np.float32)
@@ -153,29 +155,31 @@ def mine_hard_negatives(
         if first_row[text_to_image[i]] < 0:
             first_row[text_to_image[i]] = pair_rows[i]
     positive = np.einsum("nd,nd->n", text_emb, image_emb[text_to_image])  # (N_txt,) cosine of each pair
+    anchors = np.arange(n_txt) if anchors is None else np.asarray(anchors, dtype=np.int64)
+    n_anchor = len(anchors)
 
     parts, counts, mean_score = [], {}, {}
     for direction in settings.directions:
         if direction == "t2i":  # queries: captions; candidates: images
-            scores, cand = _search(image_emb, text_emb, min(settings.rank_max, n_img))  # (N_txt, K)
+            scores, cand = _search(image_emb, text_emb[anchors], min(settings.rank_max, n_img))  # (A, K)
             cand_image = cand
-            anchor_image = np.repeat(text_to_image[:, None], cand.shape[1], 1)  # (N_txt, K)
+            anchor_image = np.repeat(text_to_image[anchors][:, None], cand.shape[1], 1)  # (A, K)
             equal_text = np.array(
                 [[bool(texts_of_image[a] & texts_of_image[c]) for a, c in zip(ai, ci)] for ai, ci in zip(anchor_image, cand)],
                 dtype=bool,
             ).reshape(cand.shape)
         else:  # queries: each pair's image; candidates: captions (searched once per image, shared by its captions)
             per_image_scores, per_image_cand = _search(text_emb, image_emb, min(settings.rank_max, n_txt))  # (N_img, K)
-            scores, cand = per_image_scores[text_to_image], per_image_cand[text_to_image]  # (N_txt, K)
+            scores, cand = per_image_scores[text_to_image[anchors]], per_image_cand[text_to_image[anchors]]  # (A, K)
             cand_image = text_to_image[cand]
-            anchor_image = np.repeat(text_to_image[:, None], cand.shape[1], 1)
+            anchor_image = np.repeat(text_to_image[anchors][:, None], cand.shape[1], 1)
             equal_text = np.array(
                 [[int(text_code[c]) in texts_of_image[a] for a, c in zip(ai, ci)] for ai, ci in zip(anchor_image, cand)],
                 dtype=bool,
             ).reshape(cand.shape)
-        rank = np.broadcast_to(np.arange(1, cand.shape[1] + 1), cand.shape)  # (N_txt, K)
+        rank = np.broadcast_to(np.arange(1, cand.shape[1] + 1), cand.shape)  # (A, K)
         in_window = rank >= settings.rank_min
-        image_cos = np.einsum("qkd,qkd->qk", image_emb[cand_image], image_emb[anchor_image])  # (N_txt, K)
+        image_cos = np.einsum("qkd,qkd->qk", image_emb[cand_image], image_emb[anchor_image])  # (A, K)
         guard_hits = {
             "same_image": cand_image == anchor_image,
             "same_label": (label_code[cand_image] == label_code[anchor_image]) & (label_code[anchor_image] >= 0),
@@ -184,12 +188,12 @@ def mine_hard_negatives(
             "equal_caption_text": equal_text,
         }
         alive = in_window.copy()
-        c = {"anchors": n_txt, "candidates": int(in_window.sum())}
+        c = {"anchors": n_anchor, "candidates": int(in_window.sum())}
         for guard in GUARDS:
             hit = alive & guard_hits[guard]
             c[guard] = int(hit.sum())
             alive &= ~hit
-        pos = positive[:, None]
+        pos = positive[anchors][:, None]  # (A, 1)
         below = (scores <= pos - settings.absolute_margin) & (scores <= pos - settings.relative_margin * np.abs(pos))
         c["margin"] = int((alive & ~below).sum())
         alive &= below
@@ -197,10 +201,10 @@ def mine_hard_negatives(
 
         direction_id = DIRECTIONS.index(direction)
         keep = np.zeros_like(alive)
-        for q in range(n_txt):
+        for q in range(n_anchor):
             slots = np.flatnonzero(alive[q])
             if settings.sampling == "random" and len(slots) > settings.negatives_per_anchor:
-                rng = np.random.default_rng([settings.seed, direction_id, int(pair_rows[q])])
+                rng = np.random.default_rng([settings.seed, direction_id, int(pair_rows[anchors[q]])])
                 slots = np.sort(rng.choice(slots, settings.negatives_per_anchor, replace=False))
             keep[q, slots[: settings.negatives_per_anchor]] = True
         c["kept"] = int(keep.sum())
@@ -208,17 +212,18 @@ def mine_hard_negatives(
 
         q_idx, k_idx = np.nonzero(keep)  # row-major: anchors in order, negatives in rank order
         neg_image = cand_image[q_idx, k_idx]
+        anchor_caption = anchors[q_idx]
         parts.append({
-            "anchor_row": pair_rows[q_idx],
-            "anchor_image_id": np.asarray([image_ids[i] for i in text_to_image[q_idx]], dtype=object),
+            "anchor_row": pair_rows[anchor_caption],
+            "anchor_image_id": np.asarray([image_ids[i] for i in text_to_image[anchor_caption]], dtype=object),
             "negative_row": first_row[neg_image] if direction == "t2i" else pair_rows[cand[q_idx, k_idx]],
             "negative_image_id": np.asarray([image_ids[i] for i in neg_image], dtype=object),
             "direction": np.asarray([direction] * len(q_idx), dtype=object),
             "score": scores[q_idx, k_idx].astype(np.float32),
-            "positive_score": positive[q_idx].astype(np.float32),
+            "positive_score": positive[anchor_caption].astype(np.float32),
             "rank": rank[q_idx, k_idx].astype(np.int64),
         })
-        random_scores = _random_negative_scores(image_emb, text_emb, text_to_image, direction, settings)
+        random_scores = _random_negative_scores(image_emb, text_emb, text_to_image, anchors, direction, settings)
         mean_score[direction] = {
             "mined": float(scores[q_idx, k_idx].mean()) if len(q_idx) else float("nan"),
             "random": float(random_scores.mean()) if len(random_scores) else float("nan"),
@@ -235,19 +240,19 @@ def _codes(values) -> np.ndarray:
     return np.array([-1 if v is None else table.setdefault(v, len(table)) for v in values], dtype=np.int64)
 
 
-def _random_negative_scores(image_emb, text_emb, text_to_image, direction: str, settings: MiningSettings) -> np.ndarray:
+def _random_negative_scores(image_emb, text_emb, text_to_image, anchors, direction: str, settings: MiningSettings) -> np.ndarray:
     """Scores of `negatives_per_anchor` uniformly drawn negatives per anchor (its own image excluded): the baseline."""
     rng = np.random.default_rng([settings.seed, 7, DIRECTIONS.index(direction)])
     k = settings.negatives_per_anchor
-    n_txt = len(text_emb)
+    own = text_to_image[anchors][:, None]  # (A, 1)
     if direction == "t2i":
-        draws = rng.integers(0, len(image_emb), size=(n_txt, k))
-        ok = draws != text_to_image[:, None]
-        scores = np.einsum("nd,nkd->nk", text_emb, image_emb[draws])
+        draws = rng.integers(0, len(image_emb), size=(len(anchors), k))
+        ok = draws != own
+        scores = np.einsum("nd,nkd->nk", text_emb[anchors], image_emb[draws])
     else:
-        draws = rng.integers(0, n_txt, size=(n_txt, k))
-        ok = text_to_image[draws] != text_to_image[:, None]
-        scores = np.einsum("nd,nkd->nk", image_emb[text_to_image], text_emb[draws])
+        draws = rng.integers(0, len(text_emb), size=(len(anchors), k))
+        ok = text_to_image[draws] != own
+        scores = np.einsum("nd,nkd->nk", image_emb[own[:, 0]], text_emb[draws])
     return scores[ok]
 
 
@@ -293,6 +298,7 @@ class CompositionStats:
     wanted: int = 0  # sum over anchors of min(k, mined negatives)
     placed: int = 0  # of those, negatives in the anchor's global batch
     deferred: int = 0  # anchors moved to the next global batch because their group did not fit
+    groups: list[tuple[int, int, list[int]]] = field(default_factory=list, repr=False)  # (global batch, anchor, negatives in it)
 
     def coverage(self) -> float:
         return self.placed / self.wanted if self.wanted else 1.0
@@ -346,6 +352,8 @@ def compose_batches(
         stats.anchors_with_negatives += wanted > 0
         stats.wanted += wanted
         stats.placed += there + len(add)
+        if wanted:
+            stats.groups.append((len(out) // global_batch, anchor, [n for n in negatives[anchor] if n in members][:wanted]))
 
     while True:
         chunk: list[int] = []

@@ -54,6 +54,10 @@ from finetune.evaluate import embed_retrieval_set
 from finetune.io import atomic_write_bytes, atomic_write_text
 
 MINING_DIR = "mining"
+SCHEMA = pa.schema([
+    ("anchor_row", pa.int64()), ("anchor_image_id", pa.string()), ("negative_row", pa.int64()), ("negative_image_id", pa.string()),
+    ("direction", pa.string()), ("score", pa.float32()), ("positive_score", pa.float32()), ("rank", pa.int64()),
+])
 
 
 def mining_settings(cfg: RecipeConfig) -> MiningSettings:
@@ -118,7 +122,7 @@ def mine_training_set(
 def write_negatives(result: MiningResult, path: Path, summary: dict) -> None:
     """The mined rows as parquet, then the summary JSON beside it, each written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({name: pa.array(result.rows[name].tolist()) for name in COLUMNS})
+    table = pa.table({name: pa.array(result.rows[name].tolist(), type=SCHEMA.field(name).type) for name in COLUMNS}, schema=SCHEMA)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     atomic_write_bytes(path, buffer.getvalue())
