@@ -179,7 +179,11 @@ def mine_hard_negatives(
             ).reshape(cand.shape)
         rank = np.broadcast_to(np.arange(1, cand.shape[1] + 1), cand.shape)  # (A, K)
         in_window = rank >= settings.rank_min
-        image_cos = np.einsum("qkd,qkd->qk", image_emb[cand_image], image_emb[anchor_image])  # (A, K)
+        image_cos = np.empty(cand.shape, dtype=np.float32)  # (A, K) candidate image vs anchor image, in chunks of anchors
+        for s in range(0, len(cand), 2048):
+            image_cos[s : s + 2048] = np.einsum(
+                "qkd,qd->qk", image_emb[cand_image[s : s + 2048]], image_emb[anchor_image[s : s + 2048, 0]]
+            )
         guard_hits = {
             "same_image": cand_image == anchor_image,
             "same_label": (label_code[cand_image] == label_code[anchor_image]) & (label_code[anchor_image] >= 0),

@@ -538,7 +538,7 @@ class MiningConfig(Section):
     rank_max: int = Field(default=64, ge=1, description="Last search rank considered: FAISS returns this many candidates per anchor.")
     absolute_margin: float = Field(default=0.0, ge=0, description="Keep a negative only if score <= positive score - this (cosine).")
     relative_margin: float = Field(
-        default=0.05, ge=0, lt=1, description="Keep a negative only if score <= positive - this x |positive| (0.05: 95% of the positive)."
+        default=0.05, ge=0, lt=1, description="Keep a negative only if score <= positive - this x abs(positive) (0.05: 95% of a positive score)."
     )
     near_duplicate_threshold: float = Field(
         default=0.98, gt=0, le=1, description="Guard: an image with cosine above this to the anchor's image is a near duplicate, never a negative."
@@ -639,6 +639,8 @@ class RecipeConfig(Section):
                     f"lora.{tower}.enabled is false: {', '.join(f'lora.{tower}.{k}' for k in ignored)} ignored",
                     stacklevel=2,
                 )
+        if not self.mining.enabled and self.mining.refresh_every_steps is not None:
+            warnings.warn("mining.enabled is false: mining.refresh_every_steps ignored (training mines nothing)", stacklevel=2)
         if self.train.gradient_accumulation_steps > 1:
             warnings.warn(
                 "train.gradient_accumulation_steps > 1 averages gradients but each contrastive loss still sees "

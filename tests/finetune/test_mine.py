@@ -90,3 +90,16 @@ def test_mine_command_prints_the_guard_table_and_writes_the_file(tiny_clip_dir, 
 def test_mine_command_names_a_bad_key(tmp_path, capsys):
     assert cli.main(["mine", "recipes/demo.yaml", "mining.rank_mx=3", f"train.output_dir={tmp_path}"]) == 2
     assert "mining.rank_mx: unknown key; did you mean 'mining.rank_max'?" in capsys.readouterr().err
+
+
+def test_mining_recipe_mistakes_name_their_keys():
+    from finetune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"mining.rank_min \(10\) must be <= mining.rank_max \(5\)"):
+        load_config("recipes/demo.yaml", ["mining.rank_min=10", "mining.rank_max=5"])
+    with pytest.raises(ConfigError, match="mining.sampling: Input should be 'top' or 'random'"):
+        load_config("recipes/demo.yaml", ["mining.sampling=best"])
+    with pytest.raises(ConfigError, match=r"mining.negatives_per_anchor_in_batch \(4\) must be < train.batch_size \(4\)"):
+        load_config("recipes/demo.yaml", ["mining.enabled=true", "train.batch_size=4", "mining.negatives_per_anchor_in_batch=4"])
+    with pytest.warns(UserWarning, match="mining.refresh_every_steps ignored"):
+        load_config("recipes/demo.yaml", ["mining.refresh_every_steps=10"])
