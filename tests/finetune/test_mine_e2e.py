@@ -108,3 +108,33 @@ def test_mined_batches_change_what_the_loss_sees(tiny_clip_dir, tmp_path, monkey
         assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, tmp_path / label, steps=3), "data.replay=[]", *extra]) == 0
         AcceleratorState._reset_state(True)
     assert seen["plain"] != seen["mined"]
+
+
+@pytest.mark.slow
+def test_two_processes_with_mining_equal_one_process_with_the_global_batch(tiny_clip_dir, tmp_path):
+    """Each process embeds its shard, the main one mines; the sampler composes global batches of 2 x 8, which
+    Accelerate deals out: the same batches, the same loss, the same weights as 1 process x 16."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_train_e2e import ROOT
+
+    common = [
+        "recipes/demo.yaml", f"model.name_or_path={tiny_clip_dir}", "train.max_steps=4", "train.checkpoint_every_steps=null",
+        "data.train.synthetic.num_images=40", "data.eval.target.synthetic.num_images=8", "data.eval.source.synthetic.num_images=8",
+        "data.replay=[]", "eval.zero_shot=false", "data.num_workers=0", *MINING, "mining.refresh_every_steps=2",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "finetune.cli", "train", "--num-processes", "2", "--main-process-port", "29519"]
+    proc = subprocess.run([*launch, *common, "train.batch_size=8", f"train.output_dir={tmp_path / 'two'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert train.main([*common, "train.batch_size=16", f"train.output_dir={tmp_path / 'one'}"]) == 0
+    for name in ("negatives-step00000000.parquet", "negatives-step00000002.parquet"):
+        two = pq.read_table(tmp_path / "two" / "mining" / name).to_pydict()
+        one = pq.read_table(tmp_path / "one" / "mining" / name).to_pydict()
+        assert two["negative_row"] == one["negative_row"] and two["anchor_row"] == one["anchor_row"], name
+    a, b = trainable_tensors(tmp_path / "two"), trainable_tensors(tmp_path / "one")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
