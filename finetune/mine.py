@@ -156,7 +156,10 @@ def build_mined_sampler(cfg: RecipeConfig, base: EpochSampler, num_processes: in
     """The recipe's sampler, reordered so mined negatives share their anchor's global batch (when mining is on)."""
     if not cfg.mining.enabled:
         return base
-    return MinedNegativeSampler(base, cfg.train.batch_size * num_processes, cfg.mining.negatives_per_anchor_in_batch, cfg.train.seed)
+    # The rows one loss sees: the global batch when features are gathered, else one process's batch
+    # (Accelerate deals consecutive batch_size rows to each process, so either is a run of the order).
+    together = cfg.train.batch_size * (num_processes if cfg.loss.gather_across_processes else 1)
+    return MinedNegativeSampler(base, together, cfg.mining.negatives_per_anchor_in_batch, cfg.train.seed)
 
 
 class Miner:
