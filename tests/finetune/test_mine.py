@@ -103,3 +103,16 @@ def test_mining_recipe_mistakes_name_their_keys():
         load_config("recipes/demo.yaml", ["mining.enabled=true", "train.batch_size=4", "mining.negatives_per_anchor_in_batch=4"])
     with pytest.warns(UserWarning, match="mining.refresh_every_steps ignored"):
         load_config("recipes/demo.yaml", ["mining.refresh_every_steps=10"])
+
+
+def test_the_sampler_groups_negatives_in_the_rows_one_loss_sees():
+    from data_tools.sampling import EpochShuffleSampler
+    from finetune.config import load_config
+    from finetune.mine import build_mined_sampler
+
+    base = EpochShuffleSampler(64, seed=0)
+    on = ["mining.enabled=true", "train.batch_size=8"]
+    assert build_mined_sampler(load_config("recipes/demo.yaml", on), base, 4).global_batch == 32  # gathered: 8 x 4 processes
+    alone = load_config("recipes/demo.yaml", [*on, "loss.gather_across_processes=false"])
+    assert build_mined_sampler(alone, base, 4).global_batch == 8  # each process's loss sees its own batch
+    assert build_mined_sampler(load_config("recipes/demo.yaml"), base, 4) is base  # mining off: the recipe's sampler
