@@ -94,6 +94,7 @@ class Searcher:
             self.indexes[kind] = index
             self.id_maps[kind] = pd.read_parquet(self.index_dir / entry["id_map"])
         self.cache = LRUCache(cache_size)
+        self._as_text = {}  # (kind, field) -> the id-map column as str, for filters
 
     def embed_text(self, text: str) -> np.ndarray:
         return self.cache.get(("text", text), lambda: self.embedder.embed_texts([text])[0])  # (D,)
@@ -146,8 +147,10 @@ class Searcher:
         for field, wanted in filters.items():
             if field not in allowed:
                 raise ExportError(f"filters.{field}: not a field of the {against} id map; filter on one of {', '.join(allowed)}")
+            if (against, field) not in self._as_text:  # once per field: a column as text
+                self._as_text[against, field] = id_map[field].astype(str).to_numpy()
             values = wanted if isinstance(wanted, list) else [wanted]
-            mask &= id_map[field].astype(str).isin([str(v) for v in values]).to_numpy()
+            mask &= np.isin(self._as_text[against, field], [str(v) for v in values])
         return mask
 
     def search_vector(self, vector: np.ndarray, *, k: int, against: str, filters: dict | None = None) -> list[dict]:
