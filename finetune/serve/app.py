@@ -79,7 +79,13 @@ class _BodyTooLarge(Exception):
 
 class GuardMiddleware:
     """Outermost guard: body size (413 before or while reading), a JSON 500 for anything unexpected
-    (logged with its traceback; the server keeps serving), and request counts by status."""
+    (logged with its traceback; the server keeps serving), and request counts by status.
+
+    A refused body is read and discarded up to DRAIN_FACTOR x the limit before the 413 goes out:
+    a client still sending would otherwise see its connection reset instead of the answer. Beyond
+    that the 413 goes out at once and the connection closes."""
+
+    DRAIN_FACTOR = 4
 
     def __init__(self, app, *, max_body_bytes: int, counts: Counter):
         self.app, self.max_body_bytes, self.counts = app, max_body_bytes, counts
@@ -87,16 +93,19 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        state = {"started": False, "too_large": False, "status": 500}
+        state = {"started": False, "too_large": False, "status": 500, "body_done": False}
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+        declared = int(length) if length is not None and length.isdigit() else None
+        if length is not None and (declared is None or declared > self.max_body_bytes):
             state["too_large"] = True
         received = 0
 
         async def limited_receive():
             nonlocal received
             message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                state["body_done"] = True
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
@@ -117,6 +126,8 @@ class GuardMiddleware:
             await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
             if not state["started"]:
+                if declared is None or declared <= self.DRAIN_FACTOR * self.max_body_bytes:
+                    await self._drain(receive, state, self.DRAIN_FACTOR * self.max_body_bytes)
                 await self._answer(send, state, 413, {
                     "error": f"request body over {self.max_body_bytes:,} bytes (--max-body-bytes)", "field": "body"})
         except Exception as exc:
@@ -125,6 +136,15 @@ class GuardMiddleware:
                 await self._answer(send, state, 500, {"error": f"internal error ({type(exc).__name__})", "field": None})
         finally:
             self.counts[str(state["status"])] += 1
+
+    @staticmethod
+    async def _drain(receive, state, cap: int) -> None:
+        drained = 0
+        while not state["body_done"] and drained <= cap:
+            message = await receive()
+            drained += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                state["body_done"] = True
 
     @staticmethod
     async def _answer(send, state, status: int, body: dict) -> None:
