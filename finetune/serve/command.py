@@ -31,6 +31,9 @@ def build_from_settings(settings: dict):
 
 def app_from_env():
     """uvicorn factory for worker processes (`--workers N`)."""
+    from finetune.quiet import quiet_third_party_notices
+
+    quiet_third_party_notices()
     return build_from_settings(json.loads(os.environ[SETTINGS_ENV]))
 
 

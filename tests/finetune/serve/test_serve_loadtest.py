@@ -57,3 +57,15 @@ def test_only_loopback_hosts_count_as_local():
 
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
+
+
+def test_the_script_is_the_command(capsys):
+    import pytest as _pytest
+
+    from scripts.serve import main as script_main
+
+    for entry in (lambda: script_main(["--help"]), lambda: cli_main(["serve", "--help"])):
+        with _pytest.raises(SystemExit):
+            entry()
+    first, second = capsys.readouterr().out.split("usage: domainclip serve")[1:]
+    assert first == second and "--max-image-pixels" in first
