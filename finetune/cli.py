@@ -7,6 +7,7 @@
     domainclip index EXPORT_DIR --corpus SPEC --out INDEX_DIR [--modality image|text|both] [--memory-budget 2GB]
     domainclip search INDEX_DIR --text "..." | --image PATH [--text "..." --weight 0.5] [-k 10] [--json]
     domainclip push RUN_OR_EXPORT_DIR --repo user/name [--private] [--dry-run]
+    domainclip serve INDEX_DIR [--host 127.0.0.1 --port 8000 --workers N --backend torch|onnx]   HTTP service
     domainclip data inspect recipes/demo.yaml [key.sub=value ...] [--out DIR] [--decode]   a data report
     domainclip mine recipes/demo.yaml [key.sub=value ...] [--adapter RUN_DIR] [--out FILE]  hard negatives + guard counts
 
@@ -48,10 +49,13 @@ def launch_command(recipe: str, overrides: list[str], num_processes: int, mixed_
 def _export_commands() -> dict:
     from finetune.export import commands
 
-    return {"export": commands.export_main, "index": commands.index_main, "search": commands.search_main, "push": commands.push_main}
+    from finetune.serve.command import serve_main
+
+    return {"export": commands.export_main, "index": commands.index_main, "search": commands.search_main, "push": commands.push_main,
+            "serve": serve_main}
 
 
-EXPORT_COMMANDS = ("export", "index", "search", "push")
+EXPORT_COMMANDS = ("export", "index", "search", "push", "serve")
 
 
 def main(argv=None) -> int:
@@ -75,7 +79,8 @@ def main(argv=None) -> int:
     for name, text in (("export", "merge a run (alpha, dtype + quality gate) into a plain HF folder"),
                        ("index", "embed a corpus with an export and build a tuned FAISS index"),
                        ("search", "query an index by text, image or both"),
-                       ("push", "upload a run or export with a model card (or --dry-run)")):
+                       ("push", "upload a run or export with a model card (or --dry-run)"),
+                       ("serve", "HTTP service over an index: /search, /healthz, /info, /docs")):
         sub.add_parser(name, help=f"{text}; `domainclip {name} --help`", add_help=False)
     sub.add_parser("mine", help="mine cross-modal hard negatives for data.train; `domainclip mine --help`", add_help=False)
     data = sub.add_parser("data", help="look at a recipe's datasets")
