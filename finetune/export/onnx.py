@@ -353,9 +353,9 @@ def embed_set(embedder, images: list, distinct: list[str], desc: str) -> tuple[n
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine of each row of `a` with the same row of `b`. # (N,)"""
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    """Cosine of each row of `a` with the same row of `b` (a zero row scores 0, a NaN row NaN). # (N,)"""
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     return (a * b).sum(axis=1)
 
 
@@ -371,7 +371,7 @@ def parity_gate(summary: dict, image_cos: np.ndarray, text_cos: np.ndarray, dist
     """Raises OnnxParityError naming the worst rows when any row's cosine is below `min_cosine`."""
     bad = []
     for what, cos, names in (("image", image_cos, None), ("caption", text_cos, distinct)):
-        for i in np.flatnonzero(cos < min_cosine)[:3]:
+        for i in np.flatnonzero(~(cos >= min_cosine))[:3]:  # NaN fails too
             bad.append(f"{what} {i}" + (f" {names[i]!r}" if names else "") + f": {cos[i]:.6f}")
     if bad:
         raise OnnxParityError(

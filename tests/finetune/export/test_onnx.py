@@ -137,35 +137,56 @@ def test_embedder_equals_the_torch_path_and_picks_int8_when_asked(tiny_export):
     np.testing.assert_allclose(np.linalg.norm(q_image, axis=1), 1.0, atol=1e-5)
 
 
-def test_clear_errors_without_onnx_towers_or_int8_and_for_a_missing_cuda_provider(tiny_export, tmp_path, tiny_clip_dir):
-    run = make_run(tmp_path / "run", tiny_clip_dir)
+def reuse_graphs(monkeypatch, source_dir, corrupt_text_projection: float = 0.0):
+    """Stand-in for the (slow) dynamo export: copy graphs exported from the same model by a fixture.
+
+    make_run is deterministic, so a run made with the same arguments merges into the same model and
+    the fixture's graphs are exactly what export_towers would write; `corrupt_text_projection` adds
+    that much noise to the text graph's projection weight (a deliberately broken graph).
+    """
+    import shutil
+
+    def export_towers(model, processor, out_dir, **kwargs):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in onnx_export.TOWER_FILES.values():
+            shutil.copy(source_dir / name, out_dir / name)
+        if corrupt_text_projection:
+            proto = onnx_lib.load(str(out_dir / "text.onnx"))
+            weight = next(i for i in proto.graph.initializer if i.name == "model.text_projection.weight")
+            array = onnx_lib.numpy_helper.to_array(weight)
+            noise = np.random.default_rng(0).standard_normal(array.shape).astype(array.dtype) * corrupt_text_projection
+            weight.CopyFrom(onnx_lib.numpy_helper.from_array(array + noise, weight.name))
+            onnx_lib.save(proto, str(out_dir / "text.onnx"))
+        return dict(onnx_export.TOWER_FILES)
+
+    monkeypatch.setattr(onnx_export, "export_towers", export_towers)
+
+
+def test_clear_errors_without_onnx_towers_or_int8_and_for_a_missing_cuda_provider(tiny_export, tmp_path, tiny_clip_dir, monkeypatch):
+    run = make_run(tmp_path / "run", tiny_clip_dir, export={"max_r1_drop": 100.0})  # the fixture's run
     plain = tmp_path / "plain"
     export_run(run, plain, alpha=1.0, log=quiet)
     with pytest.raises(ExportError, match=r"holds no ONNX towers .*--onnx"):
         OnnxEmbedder(plain)
+    reuse_graphs(monkeypatch, tiny_export[0] / "onnx")
     fp32_only = tmp_path / "fp32-only"
-    export_run(run, fp32_only, alpha=1.0, onnx=True, log=quiet)
-    assert not (fp32_only / "onnx" / "image.int8.onnx").exists() and "int8" not in json.loads((fp32_only / "manifest.json").read_text())["onnx"]["files"]
+    manifest = export_run(run, fp32_only, alpha=1.0, onnx=True, log=quiet)
+    assert set(manifest["onnx"]["files"]) == {"fp32"} and not (fp32_only / "onnx" / "image.int8.onnx").exists()
     with pytest.raises(ExportError, match="holds no int8 ONNX towers.*--onnx-int8"):
         OnnxEmbedder(fp32_only, quantized=True)
+    (fp32_only / "onnx" / "text.onnx").unlink()
+    with pytest.raises(ExportError, match=r"text.onnx is missing \(named in .*manifest.json\)"):
+        OnnxEmbedder(fp32_only)
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         with pytest.raises(ExportError, match="no CUDAExecutionProvider"):
-            OnnxEmbedder(fp32_only, device="cuda")
+            OnnxEmbedder(tiny_export[0], device="cuda")
 
 
-def test_a_broken_graph_trips_the_parity_gate_and_writes_nothing(tmp_path, tiny_clip_dir, monkeypatch, capsys):
-    real_export = onnx_export.export_towers
-
-    def export_a_broken_text_tower(model, processor, out_dir, **kwargs):
-        broken = copy.deepcopy(model)
-        with torch.no_grad():
-            broken.text_projection.weight.add_(0.05 * torch.randn_like(broken.text_projection.weight))
-        return real_export(broken, processor, out_dir, **kwargs)
-
-    monkeypatch.setattr(onnx_export, "export_towers", export_a_broken_text_tower)
-    run = make_run(tmp_path / "run", tiny_clip_dir)
+def test_a_broken_graph_trips_the_parity_gate_and_writes_nothing(tiny_export, tmp_path, tiny_clip_dir, monkeypatch, capsys):
+    reuse_graphs(monkeypatch, tiny_export[0] / "onnx", corrupt_text_projection=0.05)
+    run = make_run(tmp_path / "run", tiny_clip_dir, export={"max_r1_drop": 100.0})
     out = tmp_path / "export"
     assert cli_main(["export", str(run), "--out", str(out), "--alpha", "1", "--onnx"]) == 3
     err = capsys.readouterr().err
@@ -174,24 +195,37 @@ def test_a_broken_graph_trips_the_parity_gate_and_writes_nothing(tmp_path, tiny_
     assert not out.exists() and not (tmp_path / ".onnx-export").exists()
 
 
-def test_int8_on_the_demo_base_passes_its_gate_and_the_command_prints_the_summary(tmp_path, capsys):
-    run = make_run(tmp_path / "run", DEMO_BASE, eval_images=120, target_domain="source", lora_scale=0.01,
-                   export={"max_r1_drop": 2.0})  # retrieves far above chance; 120 images: one query is 0.83 points
-    out = tmp_path / "export"
-    assert cli_main(["export", str(run), "--out", str(out), "--onnx-int8"]) == 0
-    printed = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def demo_export(tmp_path_factory):
+    """The demo base (it retrieves its source domain far above chance) exported by the command with --onnx-int8."""
+    root = tmp_path_factory.mktemp("onnx-demo")
+    run = make_run(root / "run", DEMO_BASE, eval_images=120, target_domain="source", lora_scale=0.01,
+                   export={"max_r1_drop": 2.0})  # 120 images: one query is 0.83 points
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = cli_main(["export", str(run), "--out", str(root / "export"), "--onnx-int8"])
+    return status, root / "export", printed.getvalue()
+
+
+def test_int8_on_the_demo_base_passes_its_gate_and_the_command_prints_the_summary(demo_export):
+    status, out, printed = demo_export
+    assert status == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["results"]["fp32"]["target"]["t2i"]["R@1"] > 40
-    drops = manifest["onnx"]["parity"]["int8"]["r1_delta_points_vs_pytorch_fp32"]
-    assert min(drops.values()) >= -2.0 and manifest["onnx"]["int8"]["max_r1_drop"] == 2.0
-    assert drops["t2i"] == pytest.approx(
+    deltas = manifest["onnx"]["parity"]["int8"]["r1_delta_points_vs_pytorch_fp32"]
+    assert min(deltas.values()) >= -2.0 and manifest["onnx"]["int8"]["max_r1_drop"] == 2.0
+    assert deltas["t2i"] == pytest.approx(
         manifest["results"]["onnx_int8"]["target"]["t2i"]["R@1"] - manifest["results"]["fp32"]["target"]["t2i"]["R@1"]
     )
+    assert manifest["onnx"]["parity"]["fp32"]["min_cosine"] >= 0.999
     assert "ONNX int8 quality gate passed" in printed and "ONNX fp32: min cosine vs PyTorch" in printed
     assert "ONNX int8:" in printed and "throughput vs PyTorch fp32" in printed
 
 
-def test_an_int8_graph_that_loses_r1_trips_the_gate(tmp_path, monkeypatch, capsys):
+def test_an_int8_graph_that_loses_r1_trips_the_gate(demo_export, tmp_path, monkeypatch, capsys):
     def quantize_then_break(onnx_dir):
         files = real_quantize(onnx_dir)
         path = onnx_dir / files["text"]
@@ -203,8 +237,9 @@ def test_an_int8_graph_that_loses_r1_trips_the_gate(tmp_path, monkeypatch, capsy
         return files
 
     real_quantize = onnx_export.quantize_towers_int8
+    reuse_graphs(monkeypatch, demo_export[1] / "onnx")
     monkeypatch.setattr(onnx_export, "quantize_towers_int8", quantize_then_break)
-    run = make_run(tmp_path / "run", DEMO_BASE, eval_images=60, target_domain="source", lora_scale=0.01,
+    run = make_run(tmp_path / "run", DEMO_BASE, eval_images=120, target_domain="source", lora_scale=0.01,
                    export={"max_r1_drop": 2.0})
     out = tmp_path / "export"
     assert cli_main(["export", str(run), "--out", str(out), "--onnx-int8"]) == 3
@@ -213,12 +248,16 @@ def test_an_int8_graph_that_loses_r1_trips_the_gate(tmp_path, monkeypatch, capsy
     assert not out.exists()
 
 
-def test_the_dual_encoder_with_an_xlmr_text_tower_exports_both_towers(tmp_path, tiny_clip_dir, tiny_xlmr_dir):
+def test_the_dual_encoder_with_an_xlmr_text_tower_exports_both_towers_with_external_data(
+    tmp_path, tiny_clip_dir, tiny_xlmr_dir, monkeypatch
+):
     from finetune.text_swap import build_text_tower_swap
 
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # the path a > 1.5 GB model takes
     torch.manual_seed(0)
     model, processor = build_text_tower_swap(str(tiny_clip_dir), str(tiny_xlmr_dir))
     onnx_export.export_towers(model, processor, tmp_path)
+    assert (tmp_path / "text.onnx.data").stat().st_size > 10_000  # the large tensors moved out of the graph file
     towers = OnnxTowers(tmp_path, onnx_export.TOWER_FILES, num_threads=1)
     texts = ["Ring in Lila, groß, oben links", "左上角有一个大的紫色圆环", "a large purple ring in the top left"]
     ref_image, ref_text = torch_reference(model, processor, images(3), texts, 40)
@@ -227,16 +266,6 @@ def test_the_dual_encoder_with_an_xlmr_text_tower_exports_both_towers(tmp_path, 
     got_image = towers.image_embeddings(preprocess_images(processor, images(3)).numpy())
     assert cosines(got_text, ref_text).min() >= 0.999 and cosines(got_image, ref_image).min() >= 0.999
     files = onnx_export.quantize_towers_int8(tmp_path)
-    assert (tmp_path / files["text"]).stat().st_size < (tmp_path / "text.onnx").stat().st_size
-
-
-def test_a_large_model_keeps_its_weights_in_external_data(tmp_path, tiny_clip_dir, monkeypatch):
-    from finetune.model import load_model
-
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # every model counts as large
-    model, processor = load_model(str(tiny_clip_dir))
-    onnx_export.export_towers(model.eval(), processor, tmp_path)
-    assert (tmp_path / "image.onnx.data").stat().st_size > 10 * (tmp_path / "image.onnx").stat().st_size
-    towers = OnnxTowers(tmp_path, onnx_export.TOWER_FILES, num_threads=1)
-    ref_image, _ = torch_reference(model, processor, images(2), ["a"], 16)
-    assert cosines(towers.image_embeddings(preprocess_images(processor, images(2)).numpy()), ref_image).min() >= 0.999
+    int8 = OnnxTowers(tmp_path, files, num_threads=1)
+    q_text = int8.text_embeddings(tokens["input_ids"].numpy(), tokens["attention_mask"].numpy())
+    assert cosines(q_text, ref_text).min() > 0.95
