@@ -457,8 +457,8 @@ def build_onnx(
         if kind == "fp32":
             parity_gate(summary, image_cos, text_cos, distinct, min_cosine=min_cosine)
         results[f"onnx_{kind}"] = results_of(image_emb, text_emb)
-        summary["r1_delta_points_vs_pytorch_fp32"] = {
-            d: -v for d, v in r1_drops(torch_results, results[f"onnx_{kind}"]).items()
+        summary["r1_delta_points_vs_pytorch_fp32"] = {  # candidate - PyTorch fp32, t2i first
+            d: 0.0 - v for d, v in sorted(r1_drops(torch_results, results[f"onnx_{kind}"]).items(), reverse=True)
         }
         parity[kind] = summary
     if int8:
@@ -559,7 +559,7 @@ def format_onnx_summary(entry: dict) -> str:
     for kind in entry["files"]:
         p = parity[kind]
         size = sum(f["bytes"] for f in entry["files"][kind].values())
-        r1 = ", ".join(f"{d} {v:+.2f}" for d, v in p["r1_delta_points_vs_pytorch_fp32"].items())
+        r1 = ", ".join(f"{d} {p['r1_delta_points_vs_pytorch_fp32'][d]:+.2f}" for d in ("t2i", "i2t") if d in p["r1_delta_points_vs_pytorch_fp32"])
         s = speed[f"onnx_{kind}"]
         lines.append(
             f"ONNX {kind}: min cosine vs PyTorch image {p['image_min_cosine']:.6f} text {p['text_min_cosine']:.6f}; "

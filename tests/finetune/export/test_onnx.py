@@ -269,3 +269,16 @@ def test_the_dual_encoder_with_an_xlmr_text_tower_exports_both_towers_with_exter
     int8 = OnnxTowers(tmp_path, files, num_threads=1)
     q_text = int8.text_embeddings(tokens["input_ids"].numpy(), tokens["attention_mask"].numpy())
     assert cosines(q_text, ref_text).min() > 0.95
+
+
+def test_benchmark_prints_json_with_every_variant_side_by_side(tiny_export, capsys):
+    from scripts import benchmark_onnx
+
+    assert benchmark_onnx.main([str(tiny_export[0]), "--batch", "1,3", "--repeats", "1", "--threads", "1"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["threads"] == 1 and set(doc["batches"]) == {"1", "3"}
+    for rows in doc["batches"].values():
+        assert set(rows) == {"pytorch_fp32", "onnx_fp32", "onnx_int8"}
+        assert rows["pytorch_fp32"]["images_ratio_vs_pytorch_fp32"] == 1.0
+        assert rows["onnx_fp32"]["min_cosine_vs_pytorch_fp32"] >= 0.999 and rows["onnx_int8"]["images_per_s"] > 0
+    assert doc["onnx_bytes"]["int8"] < doc["onnx_bytes"]["fp32"]
