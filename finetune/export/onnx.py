@@ -322,34 +322,52 @@ class TorchEmbedder:
 # ----------------------------------------------------------------------------- parity on an eval set
 
 
-def load_set_inputs(rset) -> tuple[list, list[str], torch.Tensor, list[str]]:
-    """(readable images, their captions, caption -> image index, distinct caption texts) of a RetrievalSet.
+def embed_set(embedders: dict, rset, batch_size: int) -> dict:
+    """Every readable image and every distinct caption of a RetrievalSet, embedded by each embedder.
 
-    Unreadable images are dropped with their captions, as `finetune.evaluate` does.
+    Images are decoded one batch at a time (never the whole set in memory) and each batch goes to every
+    embedder; unreadable images are dropped with their captions, and each distinct caption text is
+    embedded once, as `finetune.evaluate` does.
+
+    Returns:
+        {"images": {name: (N_img, D)}, "texts": {name: (N_distinct, D)}, "distinct": [str] (N_distinct,),
+         "text_rows": (N_txt,) caption -> distinct text, "text_to_image": (N_txt,) caption -> readable image,
+         "sample_images": the first <= 256 readable images (PIL), for the throughput measurement}
     """
-    from data_tools.loading import decode_image
-
-    decoded = [decode_image(rset.images[i]) for i in range(rset.num_images)]
-    valid = np.array([im is not None for im in decoded])
-    renumber = np.cumsum(valid) - 1
-    keep = valid[rset.text_to_image]
-    captions = [c for c, k in zip(rset.captions, keep) if k]
-    text_to_image = torch.from_numpy(renumber[rset.text_to_image[keep]].astype(np.int64))
-    return [im for im in decoded if im is not None], captions, text_to_image, list(dict.fromkeys(captions))
-
-
-def embed_set(embedder, images: list, distinct: list[str], desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """(image embeddings (N_img, D), distinct-caption embeddings (N_distinct, D)), in batches with a progress bar."""
     from tqdm.auto import tqdm
 
-    step = embedder.batch_size
-    image_emb = np.concatenate(
-        [embedder.embed_images(images[i : i + step]) for i in tqdm(range(0, len(images), step), desc=f"{desc}: images", leave=False)]
-    )
-    text_emb = np.concatenate(
-        [embedder.embed_texts(distinct[i : i + step]) for i in tqdm(range(0, len(distinct), step), desc=f"{desc}: captions", leave=False)]
-    )
-    return image_emb, text_emb
+    from data_tools.loading import decode_image
+
+    image_parts = {name: [] for name in embedders}
+    valid, sample = [], []
+    for start in tqdm(range(0, rset.num_images, batch_size), desc="ONNX parity: images", leave=False):
+        decoded = [decode_image(rset.images[i]) for i in range(start, min(start + batch_size, rset.num_images))]
+        good = [im for im in decoded if im is not None]
+        valid.extend(im is not None for im in decoded)
+        sample.extend(good[: max(0, 256 - len(sample))])
+        if good:
+            for name, embedder in embedders.items():
+                image_parts[name].append(embedder.embed_images(good))
+    valid = np.asarray(valid, dtype=bool)
+    if not valid.any():
+        raise ExportError(f"the target eval set: none of its {rset.num_images} images can be read")
+    keep = valid[rset.text_to_image]  # (N_txt,) captions of readable images
+    captions = [c for c, k in zip(rset.captions, keep) if k]
+    distinct = list(dict.fromkeys(captions))
+    position = {t: i for i, t in enumerate(distinct)}
+    text_parts = {name: [] for name in embedders}
+    for start in tqdm(range(0, len(distinct), batch_size), desc="ONNX parity: captions", leave=False):
+        for name, embedder in embedders.items():
+            text_parts[name].append(embedder.embed_texts(distinct[start : start + batch_size]))
+    renumber = np.cumsum(valid) - 1
+    return {
+        "images": {name: np.concatenate(parts) for name, parts in image_parts.items()},
+        "texts": {name: np.concatenate(parts) for name, parts in text_parts.items()},
+        "distinct": distinct,
+        "text_rows": torch.as_tensor([position[c] for c in captions], dtype=torch.int64),
+        "text_to_image": torch.from_numpy(renumber[rset.text_to_image[keep]].astype(np.int64)),
+        "sample_images": sample,
+    }
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -433,32 +451,32 @@ def build_onnx(
     export_towers(model, processor, onnx_dir)
     export_seconds = time.perf_counter() - started
     threads = default_threads()
-    images, captions, text_to_image, distinct = load_set_inputs(rset)
-    position = {t: i for i, t in enumerate(distinct)}
-    text_rows = torch.as_tensor([position[c] for c in captions], dtype=torch.int64)  # (N_txt,) caption -> distinct text
-
-    def results_of(image_emb: np.ndarray, distinct_emb: np.ndarray) -> dict:
-        text_emb = torch.from_numpy(distinct_emb)[text_rows]  # (N_txt, D)
-        return {"target": retrieval_metrics(torch.from_numpy(image_emb), text_emb, text_to_image, ks=ks)}
-
-    torch_path = TorchEmbedder(model, processor, max_text_length, batch_size)
-    ref_images, ref_texts = embed_set(torch_path, images, distinct, "PyTorch fp32")
-    torch_results = results_of(ref_images, ref_texts)
-
     towers = {"fp32": TOWER_FILES}
     if int8:
         towers["int8"] = quantize_towers_int8(onnx_dir)
-    parity, results = {}, {}
+    embedders = {"pytorch_fp32": TorchEmbedder(model, processor, max_text_length, batch_size)}
     for kind, files in towers.items():
-        embedder = _DirEmbedder(onnx_dir, files, processor, max_text_length, batch_size, threads)
-        image_emb, text_emb = embed_set(embedder, images, distinct, f"ONNX {kind}")
-        image_cos, text_cos = row_cosines(image_emb, ref_images), row_cosines(text_emb, ref_texts)
+        embedders[f"onnx_{kind}"] = _DirEmbedder(onnx_dir, files, processor, max_text_length, batch_size, threads)
+    emb = embed_set(embedders, rset, batch_size)
+    distinct = emb["distinct"]
+
+    def results_of(name: str) -> dict:
+        text_emb = torch.from_numpy(emb["texts"][name])[emb["text_rows"]]  # (N_txt, D)
+        image_emb = torch.from_numpy(emb["images"][name])  # (N_img, D)
+        return {"target": retrieval_metrics(image_emb, text_emb, emb["text_to_image"], ks=ks)}
+
+    ref_images, ref_texts = emb["images"]["pytorch_fp32"], emb["texts"]["pytorch_fp32"]
+    torch_results = results_of("pytorch_fp32")
+    parity, results = {}, {}
+    for kind in towers:
+        name = f"onnx_{kind}"
+        image_cos, text_cos = row_cosines(emb["images"][name], ref_images), row_cosines(emb["texts"][name], ref_texts)
         summary = cosine_summary(image_cos, text_cos)
         if kind == "fp32":
             parity_gate(summary, image_cos, text_cos, distinct, min_cosine=min_cosine)
-        results[f"onnx_{kind}"] = results_of(image_emb, text_emb)
+        results[name] = results_of(name)
         summary["r1_delta_points_vs_pytorch_fp32"] = {  # candidate - PyTorch fp32, t2i first
-            d: 0.0 - v for d, v in sorted(r1_drops(torch_results, results[f"onnx_{kind}"]).items(), reverse=True)
+            d: 0.0 - v for d, v in sorted(r1_drops(torch_results, results[name]).items(), reverse=True)
         }
         parity[kind] = summary
     if int8:
@@ -469,9 +487,9 @@ def build_onnx(
             + f" points (largest drop allowed: {max_r1_drop}); min cosine {parity['int8']['min_cosine']:.4f}"
         )
     log(f"ONNX parity passed: fp32 graphs vs PyTorch, min cosine {parity['fp32']['min_cosine']:.6f} over "
-        f"{len(images)} images and {len(distinct)} captions (floor {min_cosine})")
+        f"{len(ref_images)} images and {len(distinct)} captions (floor {min_cosine})")
 
-    speed = onnx_throughput(model, processor, images[:256], distinct[:256], onnx_dir, towers, max_text_length, threads)
+    speed = onnx_throughput(model, processor, emb["sample_images"], distinct[:256], onnx_dir, towers, max_text_length, threads)
     entry = {
         "exporter": EXPORTER,
         "torch_version": torch.__version__,
@@ -482,7 +500,7 @@ def build_onnx(
                          "attention_mask": {"0": "batch", "1": "sequence"}},
         "output_normalised": True,
         "files": {kind: {n: _file_entry(onnx_dir, f) for n, f in files.items()} for kind, files in towers.items()},
-        "parity": {"eval_set": "target", "images": len(images), "captions": len(distinct), "min_cosine_required": min_cosine,
+        "parity": {"eval_set": "target", "images": len(ref_images), "captions": len(distinct), "min_cosine_required": min_cosine,
                    **parity},
         "threads": threads,
         "throughput": speed,
