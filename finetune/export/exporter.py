@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -178,7 +179,11 @@ def export_run(
     manifest["results"] = results
     manifest["export_seconds"] = round(time.perf_counter() - started, 2)
 
-    out = save_export(to_save, processor, cfg, out_dir, manifest, extra_dirs=extra_dirs)
+    try:
+        out = save_export(to_save, processor, cfg, out_dir, manifest, extra_dirs=extra_dirs)
+    finally:  # moved into the export when it was saved; left behind only when saving failed
+        for folder in extra_dirs.values():
+            shutil.rmtree(folder, ignore_errors=True)
     write_export_reports(out, run_dir, results, sweep, ex)
     manifest = read_manifest(out)
     log(f"Export: {out}  ({manifest['size_on_disk_bytes'] / 1e6:.2f} MB model.safetensors, alpha={alpha:g}, {dtype})")
