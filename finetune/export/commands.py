@@ -62,6 +62,14 @@ def export_main(argv=None) -> int:
         help="evaluate these alphas (comma-separated; bare flag: the recipe's export.alpha_sweep) and pick one by the export: rule",
     )
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="fp32 | fp16 | bf16 | int8 (CPU, dynamic)")
+    parser.add_argument(
+        "--onnx", action="store_true",
+        help="also write both towers as ONNX graphs into OUT/onnx/, checked against PyTorch on the target eval set",
+    )
+    parser.add_argument(
+        "--onnx-int8", action="store_true",
+        help="--onnx plus onnxruntime int8 (dynamic) copies of both towers, behind the R@1 quality gate",
+    )
     args = parser.parse_args(argv)
 
     def go() -> int:
@@ -71,7 +79,9 @@ def export_main(argv=None) -> int:
         sweep = None
         if args.alpha_sweep is not None:
             sweep = _float_list(args.alpha_sweep) or load_resolved_config(f"{args.run_dir}/config.yaml").export.alpha_sweep
-        manifest = export_run(args.run_dir, args.out, alpha=args.alpha, alpha_sweep=sweep, dtype=args.dtype)
+        manifest = export_run(
+            args.run_dir, args.out, alpha=args.alpha, alpha_sweep=sweep, dtype=args.dtype, onnx=args.onnx, onnx_int8=args.onnx_int8
+        )
         print(format_export_summary(manifest))
         q = manifest.get("quantization")
         if q:
@@ -81,6 +91,10 @@ def export_main(argv=None) -> int:
                 f"(side by side, {q['threads']} threads); state {q['state_bytes'][args.dtype] / 1e6:.2f} MB vs "
                 f"{q['state_bytes']['fp32'] / 1e6:.2f} MB fp32"
             )
+        if "onnx" in manifest:
+            from finetune.export.onnx import format_onnx_summary
+
+            print(format_onnx_summary(manifest["onnx"]))
         return 0
 
     return _run(go)

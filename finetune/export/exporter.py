@@ -2,7 +2,8 @@
 
     run -> load adapted -> [alpha sweep: evaluate each alpha, pick by the recipe's export: rule]
         -> merge at alpha -> evaluate fp32 -> [quantize -> evaluate -> quality gate -> throughput side by side]
-        -> EXPORT_DIR (model.safetensors, processor, config.yaml, manifest.json, eval/)
+        -> [--onnx: both towers as ONNX graphs -> parity gate -> (--onnx-int8: onnxruntime int8 -> gate) -> throughput]
+        -> EXPORT_DIR (model.safetensors, processor, config.yaml, manifest.json, eval/, onnx/)
 
 `load_export(EXPORT_DIR)` gives the model back as the manifest says (int8 quantized at load).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -70,9 +72,15 @@ def export_run(
     alpha: float | None = None,
     alpha_sweep: list[float] | None = None,
     dtype: str = "fp32",
+    onnx: bool = False,
+    onnx_int8: bool = False,
     log=print,
 ) -> dict:
-    """Export a finished run; returns the manifest. Raises ExportError / QualityGateError (nothing written)."""
+    """Export a finished run; returns the manifest. Raises ExportError / QualityGateError (nothing written).
+
+    `onnx` adds the fp32 towers as ONNX graphs (finetune/export/onnx.py), `onnx_int8` also their
+    onnxruntime int8 copies (implies `onnx`); both are exported from the fp32 merged model whatever `dtype` is.
+    """
     from finetune.evaluate import evaluate_retrieval
 
     if alpha is not None and alpha_sweep is not None:
@@ -152,10 +160,30 @@ def export_run(
             + f" points (largest drop allowed: {ex.max_r1_drop})")
         if dtype != "int8":
             to_save = candidate  # fp16 / bf16 are saved in their dtype; int8 is quantized at load
+    extra_dirs = {}
+    if onnx or onnx_int8:
+        from finetune.export.onnx import ONNX_DIR, build_onnx, remove_tree
+
+        staging = Path(out_dir).parent / f".onnx-{Path(out_dir).name}"
+        remove_tree(staging)
+        try:
+            manifest["onnx"], onnx_results = build_onnx(
+                merged, processor, eval_sets["target"], staging, max_text_length=max_len, batch_size=cfg.eval.batch_size,
+                int8=onnx_int8, max_r1_drop=ex.max_r1_drop, ks=tuple(cfg.eval.ks), log=log,
+            )
+        except BaseException:
+            remove_tree(staging)
+            raise
+        results.update(onnx_results)
+        extra_dirs[ONNX_DIR] = staging
     manifest["results"] = results
     manifest["export_seconds"] = round(time.perf_counter() - started, 2)
 
-    out = save_export(to_save, processor, cfg, out_dir, manifest)
+    try:
+        out = save_export(to_save, processor, cfg, out_dir, manifest, extra_dirs=extra_dirs)
+    finally:  # moved into the export when it was saved; left behind only when saving failed
+        for folder in extra_dirs.values():
+            shutil.rmtree(folder, ignore_errors=True)
     write_export_reports(out, run_dir, results, sweep, ex)
     manifest = read_manifest(out)
     log(f"Export: {out}  ({manifest['size_on_disk_bytes'] / 1e6:.2f} MB model.safetensors, alpha={alpha:g}, {dtype})")

@@ -90,8 +90,12 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def save_export(model: nn.Module, processor, cfg, out_dir: str | os.PathLike, manifest: dict) -> Path:
+def save_export(
+    model: nn.Module, processor, cfg, out_dir: str | os.PathLike, manifest: dict, *, extra_dirs: dict | None = None
+) -> Path:
     """Write model (safetensors) + processor + resolved recipe + manifest.json into `out_dir`.
+
+    `extra_dirs` ({name: folder}) are moved into the export under `name` (the ONNX towers: `onnx/`).
 
     The folder is assembled under a temporary name beside `out_dir` and renamed into place, so an
     interrupted export never leaves a folder that looks complete. An existing `out_dir` is replaced.
@@ -106,6 +110,8 @@ def save_export(model: nn.Module, processor, cfg, out_dir: str | os.PathLike, ma
     model.save_pretrained(tmp)  # safetensors: transformers writes nothing else
     save_processor(processor, tmp)
     save_config(cfg, tmp / "config.yaml")
+    for name, folder in (extra_dirs or {}).items():
+        shutil.move(str(folder), str(tmp / name))
     weights = tmp / WEIGHTS
     manifest = {
         **manifest,
