@@ -23,7 +23,7 @@ import torch
 
 from finetune.export.merge import ExportError
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "onnx-int8")
 
 
 class TorchEmbedder:
@@ -65,17 +65,19 @@ class TorchEmbedder:
 
 
 def load_embedder(export_dir: str | os.PathLike, backend: str = "torch"):
-    """The embedder of an export folder for `backend` ("torch" | "onnx")."""
+    """The embedder of an export folder for `backend`: "torch", "onnx" (the fp32 graphs) or "onnx-int8"
+    (the graphs `export --onnx-int8` quantized through ONNX Runtime)."""
     if backend == "torch":
         return TorchEmbedder(export_dir)
-    if backend == "onnx":
+    if backend in ("onnx", "onnx-int8"):
         if not (Path(export_dir) / "onnx").is_dir():
             raise ExportError(
-                f"--backend onnx: {export_dir} has no onnx/ folder; export the towers to ONNX first, or serve with --backend torch"
+                f"--backend {backend}: {export_dir} has no onnx/ folder; export the towers with "
+                f"`domainclip export RUN --out DIR {'--onnx-int8' if backend == 'onnx-int8' else '--onnx'}` first, or serve with --backend torch"
             )
         try:
             from finetune.export.onnx import OnnxEmbedder
         except ImportError as exc:
-            raise ExportError(f"--backend onnx is not available in this installation ({exc}); use --backend torch") from None
-        return OnnxEmbedder(export_dir)
+            raise ExportError(f"--backend {backend} is not available in this installation ({exc}); use --backend torch") from None
+        return OnnxEmbedder(export_dir, quantized=backend == "onnx-int8")
     raise ExportError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

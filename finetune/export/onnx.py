@@ -261,6 +261,8 @@ class OnnxEmbedder:
         for name in ("image", "text"):
             if not (onnx_dir / files[name]["file"]).is_file():
                 raise ExportError(f"{onnx_dir / files[name]['file']} is missing (named in {self.export_dir}/manifest.json)")
+        self.manifest = manifest  # the export's manifest.json, as TorchEmbedder has it
+        self.backend = "onnx-int8" if quantized else "onnx"
         self.quantized = quantized
         self.num_threads = int(num_threads or default_threads())
         self.batch_size = batch_size

@@ -66,7 +66,10 @@ def serve_main(argv=None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=_positive_int, default=1, help="uvicorn worker processes; each loads the model once")
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="onnx needs the export's onnx/ folder")
+    parser.add_argument(
+        "--backend", choices=("torch", "onnx", "onnx-int8"), default="torch",
+        help="onnx / onnx-int8: the export's ONNX graphs through onnxruntime (export --onnx / --onnx-int8)",
+    )
     parser.add_argument("--max-batch", type=_positive_int, default=batching.max_batch, help="items per batched forward")
     parser.add_argument("--max-wait-ms", type=float, default=batching.max_wait_ms, help="longest wait for a batch to fill")
     parser.add_argument("--no-batching", action="store_true", help="one forward per request (the baseline)")

@@ -6,6 +6,7 @@ nothing, and the dual encoder (XLM-R text tower) exports too."""
 from __future__ import annotations
 
 import copy
+import io
 import json
 
 import numpy as np
@@ -282,3 +283,35 @@ def test_benchmark_prints_json_with_every_variant_side_by_side(tiny_export, caps
         assert rows["pytorch_fp32"]["images_ratio_vs_pytorch_fp32"] == 1.0
         assert rows["onnx_fp32"]["min_cosine_vs_pytorch_fp32"] >= 0.999 and rows["onnx_int8"]["images_per_s"] > 0
     assert doc["onnx_bytes"]["int8"] < doc["onnx_bytes"]["fp32"]
+
+
+def test_the_service_answers_from_the_onnx_graphs_like_from_pytorch(tiny_export, tmp_path):
+    """`domainclip serve --backend onnx|onnx-int8` over an index of the ONNX export: the same hits as the
+    torch backend (fp32 graphs to 1e-4 in score), and /info names the backend."""
+    from fastapi.testclient import TestClient
+
+    from finetune.export.search import Searcher
+    from finetune.serve.app import build_app
+    from finetune.serve.limits import Batching, Limits
+
+    out, _ = tiny_export
+    corpus = "{synthetic: {domain: target, num_images: 24, captions_per_image: 2, seed: 4}, label_column: label}"
+    assert cli_main(["index", str(out), "--corpus", corpus, "--out", str(tmp_path / "index"), "--modality", "both"]) == 0
+    image = io.BytesIO()
+    images(1, seed=9)[0].save(image, format="PNG")
+    answers = {}
+    for backend in ("torch", "onnx", "onnx-int8"):
+        searcher = Searcher(tmp_path / "index", backend=backend)
+        app = build_app(searcher, limits=Limits(), batching=Batching(), cache_size=8, backend=backend)
+        with TestClient(app) as client:
+            assert client.get("/info").json()["backend"] == backend
+            text = client.post("/search", json={"text": CAPTIONS[0], "k": 5})
+            fused = client.post("/search", data={"text": CAPTIONS[2], "k": 5}, files={"image": ("q.png", image.getvalue(), "image/png")})
+            assert text.status_code == 200 and fused.status_code == 200, (text.text, fused.text)
+            answers[backend] = [text.json()["hits"], fused.json()["hits"]]
+    for reference, onnx in zip(answers["torch"], answers["onnx"]):
+        assert [h["vector_row"] for h in onnx] == [h["vector_row"] for h in reference]
+        np.testing.assert_allclose([h["score"] for h in onnx], [h["score"] for h in reference], atol=1e-4)
+    for reference, int8 in zip(answers["torch"], answers["onnx-int8"]):  # int8: close scores, same size answers
+        assert len(int8) == len(reference) == 5
+        assert abs(int8[0]["score"] - reference[0]["score"]) < 0.05
