@@ -203,3 +203,36 @@ def test_two_processes_with_siglip_and_the_discriminator_equal_one_process(tiny_
             torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=f"{part}:{name}")
     card = (tmp_path / "two" / "README.md").read_text()
     assert "negatives per pair after same-image masking" in card  # through the DDP-wrapped loss
+
+
+def test_cached_step_gives_every_term_and_its_parameters_the_plain_steps_gradients(tiny_clip_dir):
+    """GradCache with SigLIP, VSE++ and the discriminator: the loss's own parameters get their gradient in
+    the cached step's loss pass, the towers through the re-embedded chunks; both equal the plain step's."""
+    from finetune.step import cached_contrastive_step, plain_step
+
+    cfg = validate_config({
+        "model": {"name_or_path": str(tiny_clip_dir)},
+        "data": {"train": {"synthetic": {"domain": "target", "num_images": 8}}, "eval": {"target": {"synthetic": {"domain": "target", "num_images": 8}}}},
+        "train": {"max_steps": 1},
+        "loss": {"terms": ["infonce", {"name": "siglip", "weight": 0.5}, "vsepp", {"name": "adversarial", "hidden_dim": 8}]},
+    })
+    grads = []
+    for cached in (False, True):
+        model, processor = tiny_adapted(tiny_clip_dir)
+        with torch.no_grad():  # non-zero B, so A gets a gradient too
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+        loss_fn = train.build_loss(cfg, train_pairs=None, embed_dim=embedding_dim(model))
+        batch = tiny_batch(processor)
+        if cached:
+            loss, terms = cached_contrastive_step(model, batch, loss_fn, gather=True, micro_batch_size=4, backward=lambda l: l.backward())
+        else:
+            loss, terms = plain_step(model, batch, loss_fn, gather=True, backward=lambda l: l.backward())
+        assert set(terms) == {"infonce", "siglip", "vsepp", "adversarial"}
+        grads.append((loss, {n: p.grad.clone() for m in (model, loss_fn) for n, p in m.named_parameters() if p.requires_grad}))
+    (plain_loss, plain), (cached_loss, cached) = grads
+    torch.testing.assert_close(cached_loss, plain_loss, rtol=0, atol=1e-5)
+    assert plain.keys() == cached.keys() and any(n.startswith("terms.siglip") for n in plain)
+    for name in plain:
+        torch.testing.assert_close(cached[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
