@@ -18,6 +18,14 @@ def _dataset_name(spec) -> str:
     return f"{spec.path} (split {spec.split})"
 
 
+def describe_loss(cfg) -> str:
+    """The recipe's loss.terms in words: `symmetric InfoNCE` for the default, else each term with its weight."""
+    terms = [(t.name, t.weight) for t in cfg.loss.terms]
+    if terms == [("infonce", 1.0)]:
+        return "symmetric InfoNCE"
+    return "the loss terms " + " + ".join(f"{w:g} x {name}" for name, w in terms) + " (README, Losses)"
+
+
 def describe_negatives(batch_size: int, num_processes: int, gather_across_processes: bool) -> str:
     """What one contrastive loss sees, as a sentence: how many pairs and negatives per pair.
 
@@ -121,7 +129,7 @@ def write_model_card(
 
 # LoRA adapter for `{title}`
 
-Adapted for image-text retrieval with symmetric InfoNCE, LoRA on both towers.
+Adapted for image-text retrieval with {describe_loss(cfg)}, LoRA on both towers.
 
 ## Data
 - train: {_dataset_name(cfg.data.train)}

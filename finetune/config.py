@@ -316,8 +316,81 @@ class SamplingConfig(Section):
 # --------------------------------------------------------------------------- loss / optim / train / eval
 
 
+class LossTerm(Section):
+    name: str = Field(description="The term; each subclass pins one name.")
+    weight: float = Field(default=1.0, gt=0, description="Multiplies the term; the loop sums the weighted terms. Remove a term to turn it off.")
+
+
+class InfoNCETerm(LossTerm):
+    """Symmetric InfoNCE with CLIP's temperature (model.logit_scale); honours loss.class_weights."""
+
+    name: Literal["infonce"]
+
+
+class HardnessWeightedInfoNCETerm(LossTerm):
+    """InfoNCE with negatives re-weighted by exp(beta * logit) (HN-NCE); honours loss.class_weights."""
+
+    name: Literal["hn_infonce"]
+    beta: float = Field(default=0.5, ge=0, description="Hardness concentration on the logits s/tau; 0 = plain InfoNCE.")
+
+
+class SigLIPTerm(LossTerm):
+    """Pairwise sigmoid loss with its own learned temperature and bias (not CLIP's logit_scale)."""
+
+    name: Literal["siglip"]
+    temperature_init: float = Field(default=10.0, gt=0, description="Initial t = exp(t'); the paper's t' = log 10. Learned.")
+    bias_init: float = Field(default=-10.0, description="Initial bias b (the paper's -10). Learned.")
+
+
+class VSEppTerm(LossTerm):
+    """VSE++ max-violation triplet: the hardest negative per anchor, both directions, on cosine similarity."""
+
+    name: Literal["vsepp"]
+    margin: float = Field(default=0.2, ge=0, description="Hinge margin on cosine similarity (VSE++ uses 0.2).")
+
+
+class SemiHardTerm(LossTerm):
+    """FaceNet semi-hard triplet: the hardest negative still less similar than the positive."""
+
+    name: Literal["semihard"]
+    margin: float = Field(default=0.2, ge=0, description="Hinge margin on cosine similarity.")
+
+
+class MarginRankingTerm(LossTerm):
+    """Hinge summed over every negative, mean over anchors, both directions."""
+
+    name: Literal["margin_ranking"]
+    margin: float = Field(default=0.2, ge=0, description="Hinge margin on cosine similarity.")
+
+
+class AdversarialTerm(LossTerm):
+    """A modality discriminator behind a gradient reversal layer (ACMR): pushes image and text embeddings together."""
+
+    name: Literal["adversarial"]
+    weight: float = Field(default=0.1, gt=0, description="Multiplies the discriminator's BCE (for it and, reversed, for the towers).")
+    hidden_dim: int = Field(default=256, gt=0, description="Width of the discriminator MLP's hidden layer.")
+    reversal: float = Field(default=1.0, gt=0, description="Gradient reversal factor: the towers get -reversal x the discriminator's gradient.")
+
+
+LOSS_TERMS: dict[str, type[LossTerm]] = {
+    t.model_fields["name"].annotation.__args__[0]: t
+    for t in (InfoNCETerm, HardnessWeightedInfoNCETerm, SigLIPTerm, VSEppTerm, SemiHardTerm, MarginRankingTerm, AdversarialTerm)
+}
+CLASS_WEIGHTED_TERMS = ("infonce", "hn_infonce")  # the terms that multiply each pair's loss by its class weight
+CLIP_TEMPERATURE_TERMS = ("infonce", "hn_infonce")  # the terms that read model.logit_scale
+LossTermConfig = Annotated[
+    InfoNCETerm | HardnessWeightedInfoNCETerm | SigLIPTerm | VSEppTerm | SemiHardTerm | MarginRankingTerm | AdversarialTerm,
+    Field(discriminator="name"),
+]
+
+
 class LossConfig(Section):
-    kind: Literal["infonce"] = Field(default="infonce", description="Symmetric InfoNCE (CLIP's loss).")
+    terms: list[LossTermConfig] = Field(
+        default_factory=lambda: [InfoNCETerm(name="infonce", weight=1.0)],
+        min_length=1,
+        description="Named loss terms with weights, summed: infonce, hn_infonce, siglip, vsepp, semihard, margin_ranking, "
+        "adversarial (see README, Losses). A bare name takes the term's defaults.",
+    )
     gather_across_processes: bool = Field(
         default=True, description="Use every process's batch as negatives (the global batch), as CLIP does."
     )
@@ -326,11 +399,61 @@ class LossConfig(Section):
         description="false: pairs sharing a class label are not each other's negatives (supervised-contrastive view). Needs labels.",
     )
     class_weights: Literal["none", "inverse_frequency", "effective_number"] = Field(
-        default="none", description="Per-pair class weights in InfoNCE, mean 1 over the training pairs. Needs labels."
+        default="none", description="Per-pair class weights in the infonce and hn_infonce terms, mean 1 over the training pairs. Needs labels."
     )
     class_weight_beta: float = Field(
         default=0.999, ge=0, lt=1, description="class_weights=effective_number: beta of Cui et al. 2019 (closer to 1 = closer to inverse frequency)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def kind_became_terms(cls, data: Any) -> Any:
+        # `loss.kind: infonce` (the only value it ever had) is what older recipes and run folders hold:
+        # the same as the default terms, so it is accepted and dropped.
+        if isinstance(data, dict) and "kind" in data:
+            data = dict(data)
+            kind = data.pop("kind")
+            if kind != "infonce":
+                raise ValueError(f"loss.kind was replaced by loss.terms (got kind={kind!r}): write loss.terms: [{{name: infonce, weight: 1.0}}, ...]")
+        return data
+
+    @field_validator("terms", mode="before")
+    @classmethod
+    def bare_names_are_terms(cls, value: Any) -> Any:
+        # `terms: [infonce, siglip]` (or the override loss.terms=[infonce,siglip]) takes each term's defaults.
+        if isinstance(value, list):
+            return [{"name": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def names_are_unique(self) -> "LossConfig":
+        seen: dict[str, int] = {}
+        for i, term in enumerate(self.terms):
+            if term.name in seen:
+                raise ValueError(
+                    f"loss.terms.{i}.name: {term.name} is already loss.terms.{seen[term.name]}; use one term with the summed weight"
+                )
+            seen[term.name] = i
+        return self
+
+    @model_validator(mode="after")
+    def a_term_aligns_pairs(self) -> "LossConfig":
+        if all(t.name == "adversarial" for t in self.terms):
+            raise ValueError("loss.terms: adversarial alone never pulls an image towards its caption; add a contrastive term (e.g. infonce)")
+        return self
+
+    @model_validator(mode="after")
+    def warn_terms_without_class_weights(self) -> "LossConfig":
+        if self.class_weights == "none":
+            return self
+        ignoring = [f"loss.terms.{i} ({t.name})" for i, t in enumerate(self.terms) if t.name not in CLASS_WEIGHTED_TERMS]
+        if ignoring:
+            warnings.warn(
+                f"loss.class_weights={self.class_weights}: {', '.join(ignoring)} ignore class weights "
+                f"(only {' and '.join(CLASS_WEIGHTED_TERMS)} weight pairs by class)",
+                stacklevel=2,
+            )
+        return self
 
 
 class OptimConfig(Section):
@@ -630,6 +753,16 @@ class RecipeConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def warn_unused_logit_scale(self) -> "RecipeConfig":
+        if self.model.train_logit_scale and not any(t.name in CLIP_TEMPERATURE_TERMS for t in self.loss.terms):
+            warnings.warn(
+                "model.train_logit_scale is true but no term in loss.terms reads CLIP's temperature "
+                f"(only {' and '.join(CLIP_TEMPERATURE_TERMS)} do; siglip learns its own): it will not move",
+                stacklevel=2,
+            )
+        return self
+
+    @model_validator(mode="after")
     def warn_ignored_keys(self) -> "RecipeConfig":
         for tower in ("vision", "text"):
             cfg: LoraTowerConfig = getattr(self.lora, tower)
@@ -675,15 +808,34 @@ def apply_override(tree: dict, keys: list[str], value: Any) -> None:
 
 def _schema_at(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns location `loc`, to suggest its field names."""
+    return _walk(loc)[1]
+
+
+def _walk(loc: tuple) -> tuple[tuple[str, ...], type[BaseModel] | None]:
+    """(`loc` as the user wrote it, the model owning its last part): a list of tagged terms
+    (`loss.terms`) shows in pydantic's locations with the tag, `terms.1.siglip.beta`; the user wrote
+    `terms.1.beta`."""
     model: type[BaseModel] | None = RecipeConfig
-    for part in loc:
-        if model is None:
-            return None
-        field = model.model_fields.get(str(part))
+    parts, clean = list(loc), []
+    while parts:
+        part = parts.pop(0)
+        clean.append(str(part))
+        field = model.model_fields.get(str(part)) if model is not None else None
         if field is None:
-            return None
+            model = None
+            continue
+        tagged = _tagged_items(field.annotation)
+        if tagged is not None and parts and isinstance(parts[0], int):
+            clean.append(str(parts.pop(0)))
+            model = tagged.get(parts.pop(0)) if parts and parts[0] in tagged else None
+            continue
         model = section_type(field.annotation)
-    return model
+    return tuple(clean), model
+
+
+def _tagged_items(annotation: Any) -> dict[str, type[BaseModel]] | None:
+    """{tag: model} for a list of a union tagged by `name` (loss.terms), else None."""
+    return LOSS_TERMS if annotation == list[LossTermConfig] else None
 
 
 def section_type(annotation: Any) -> type[BaseModel] | None:
@@ -697,10 +849,10 @@ def section_type(annotation: Any) -> type[BaseModel] | None:
 def describe_errors(error: ValidationError) -> list[str]:
     problems = []
     for err in error.errors():
-        loc = tuple(str(p) for p in err["loc"])
+        loc, parent = _walk(tuple(err["loc"]))
         path = ".".join(loc) or "<root>"
         if err["type"] == "extra_forbidden":
-            parent = _schema_at(loc[:-1])
+            parent = _walk(tuple(err["loc"])[:-1])[1]
             hint = ""
             if parent is not None:
                 close = difflib.get_close_matches(loc[-1], list(parent.model_fields), n=1, cutoff=0.6)
@@ -708,6 +860,15 @@ def describe_errors(error: ValidationError) -> list[str]:
                     f"; valid keys here: {', '.join(parent.model_fields)}"
                 )
             problems.append(f"{path}: unknown key{hint}")
+        elif err["type"] in ("union_tag_invalid", "union_tag_not_found") and _tagged_items(_field_at(loc)) is not None:
+            tags = list(_tagged_items(_field_at(loc)))
+            if err["type"] == "union_tag_not_found":
+                problems.append(f"{path}.name: required key is missing (one of {', '.join(tags)})")
+                continue
+            tag = str(err["ctx"]["tag"])
+            close = difflib.get_close_matches(tag, tags, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append(f"{path}.name: unknown term {tag!r}{hint} (terms: {', '.join(tags)})")
         elif err["type"] == "missing":
             problems.append(f"{path}: required key is missing")
         else:
@@ -718,6 +879,13 @@ def describe_errors(error: ValidationError) -> list[str]:
             prefix = "" if msg.startswith(f"{path}.") else f"{path}: "
             problems.append(f"{prefix}{msg}" + (f", got {got!r}" if show_got else ""))
     return problems
+
+
+def _field_at(loc: tuple[str, ...]) -> Any:
+    """The annotation of the field holding list item `loc` (e.g. ('loss', 'terms', '1')), if any."""
+    owner = _walk(loc[:-2])[1] if len(loc) >= 2 else None
+    field = owner.model_fields.get(loc[-2]) if owner is not None else None
+    return field.annotation if field is not None else None
 
 
 def load_config(recipe: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:

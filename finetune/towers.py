@@ -210,3 +210,8 @@ def logit_scale(model: nn.Module) -> nn.Parameter:
     """The learned log inverse temperature (a parameter: trainable or frozen as the recipe says)."""
     base = unwrap(model)
     return getattr(base, model_layout(base).logit_scale)
+
+
+def embedding_dim(model: nn.Module) -> int:
+    """Width D of the shared image-text embedding space (both architectures keep it in `projection_dim`)."""
+    return int(unwrap(model).config.projection_dim)

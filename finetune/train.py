@@ -53,7 +53,16 @@ from finetune.config import ConfigError, DatasetSpec, LoraTowerConfig, RecipeCon
 from finetune.distill import REFERENCE, DistillError, text_swap_stages  # noqa: E402
 from finetune.evaluate import evaluate_retrieval  # noqa: E402
 from finetune.io import atomic_write_text  # noqa: E402
-from finetune.losses import ClipInfoNCE  # noqa: E402
+from finetune.losses import (  # noqa: E402
+    ClipInfoNCE,
+    CompositeLoss,
+    HardnessWeightedInfoNCE,
+    MarginRanking,
+    MaxViolationTriplet,
+    ModalityAdversarial,
+    SemiHardTriplet,
+    SigLIPLoss,
+)
 from finetune.metrics import duplicate_caption_texts  # noqa: E402
 from finetune.mine import Miner, build_mined_sampler  # noqa: E402
 from finetune.model import (  # noqa: E402
@@ -79,7 +88,7 @@ from finetune.train_data import (  # noqa: E402
     training_dataset,
 )
 from finetune.text_swap import TextSwapError, build_text_tower_swap, text_swap_config  # noqa: E402
-from finetune.towers import logit_scale, model_layout  # noqa: E402
+from finetune.towers import embedding_dim, logit_scale, model_layout  # noqa: E402
 
 
 class TrainingError(RuntimeError):
@@ -130,7 +139,7 @@ def run(cfg: RecipeConfig) -> int:
         results.update(swap_results)
 
     model = build_model(cfg, model, accelerator)
-    loss_fn = build_loss(cfg, train_pairs)
+    loss_fn = build_loss(cfg, train_pairs, embed_dim=embedding_dim(model))
     train_loader, sampler = build_train_loader(cfg, train_pairs, processor, max_text_length, accelerator)
     model, train_loader, loss_fn = prepare(accelerator, model, train_loader, loss_fn)
     step = build_step(cfg, accelerator)
@@ -150,7 +159,7 @@ def run(cfg: RecipeConfig) -> int:
     results["adapted"], skipped_eval = evaluate(accelerator.unwrap_model(model), sets=eval_sets, desc="adapted")
     write_artifacts(
         cfg, accelerator, accelerator.unwrap_model(model), processor, results, state, skipped_eval, eval_sets, out,
-        negatives_per_pair=loss_fn.negatives_per_pair() if hasattr(loss_fn, "negatives_per_pair") else None,
+        negatives_per_pair=getattr(accelerator.unwrap_model(loss_fn), "negatives_per_pair", lambda: None)(),
     )
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -206,7 +215,8 @@ def train_loop(cfg, accelerator, model, step, loss_fn, optimizer, scheduler, loa
             progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
             if state.step % cfg.train.log_every_steps == 0 and accelerator.is_main_process:
                 scale = float(logit_scale(model).exp().item())
-                append_log(log_file, {"step": state.step, "epoch": state.epoch, "lr": lr, **{k: v.item() for k, v in terms.items()}, "logit_scale": scale})
+                extras = getattr(accelerator.unwrap_model(loss_fn), "log_values", dict)()  # e.g. the discriminator's accuracy
+                append_log(log_file, {"step": state.step, "epoch": state.epoch, "lr": lr, **{k: v.item() for k, v in terms.items()}, "logit_scale": scale, **extras})
             if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < max_steps:
                 periodic, _ = evaluate(accelerator.unwrap_model(model), desc=f"step {state.step}")
                 if accelerator.is_main_process:
@@ -438,8 +448,24 @@ def build_model(cfg: RecipeConfig, model, accelerator: Accelerator):
     return model
 
 
-def build_loss(cfg: RecipeConfig, train_pairs: TrainingSet) -> torch.nn.Module:
-    return ClipInfoNCE(same_label_negatives=cfg.loss.same_label_negatives, class_weights=build_class_weights(cfg, train_pairs))
+def build_loss(cfg: RecipeConfig, train_pairs: TrainingSet, *, embed_dim: int) -> torch.nn.Module:
+    """The recipe's loss.terms as one module returning {term name: weight x value} (finetune/losses.py)."""
+    same_label = cfg.loss.same_label_negatives
+    class_weights = build_class_weights(cfg, train_pairs)
+    max_logit_scale = 100.0  # CLIP's clamp on exp(logit_scale)
+    builders = {
+        "infonce": lambda t: ClipInfoNCE(max_logit_scale, same_label_negatives=same_label, class_weights=class_weights),
+        "hn_infonce": lambda t: HardnessWeightedInfoNCE(
+            t.beta, max_logit_scale=max_logit_scale, same_label_negatives=same_label, class_weights=class_weights
+        ),
+        "siglip": lambda t: SigLIPLoss(t.temperature_init, t.bias_init, same_label_negatives=same_label),
+        "vsepp": lambda t: MaxViolationTriplet(t.margin, same_label_negatives=same_label),
+        "semihard": lambda t: SemiHardTriplet(t.margin, same_label_negatives=same_label),
+        "margin_ranking": lambda t: MarginRanking(t.margin, same_label_negatives=same_label),
+        "adversarial": lambda t: ModalityAdversarial(embed_dim, t.hidden_dim, t.reversal, seed=cfg.train.seed),
+    }
+    terms = {t.name: (builders[t.name](t), t.weight) for t in cfg.loss.terms}
+    return CompositeLoss(terms, same_label_negatives=same_label)
 
 
 def build_step(cfg: RecipeConfig, accelerator: Accelerator):

@@ -16,7 +16,7 @@ if __package__ in (None, ""):
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from finetune.config import RecipeConfig, section_type
+from finetune.config import RecipeConfig, _tagged_items, section_type
 
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
 
@@ -33,6 +33,14 @@ def rows(model: type[BaseModel], prefix: str = "", seen: dict | None = None) -> 
     out = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
+        tagged = _tagged_items(field.annotation)
+        if tagged is not None:  # a list of items keyed by `name` (loss.terms): one block of rows per name
+            out.append(f"| `{key}` | list | `{[i.model_dump() for i in field.default_factory()]!r}` | {field.description or ''} |")
+            for tag, item in tagged.items():
+                for row in rows(item, f"{key}[{tag}].", seen):
+                    if not row.startswith(f"| `{key}[{tag}].name`"):
+                        out.append(row)
+            continue
         nested = section_type(field.annotation)
         if nested is not None and nested in seen:
             optional = " (optional)" if field.default is None else ""

@@ -134,8 +134,8 @@ def test_resume_with_long_tail_sampler_weights_masking_and_replay_ends_bit_ident
     assert a.keys() == b.keys() and a
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    log_a = [json.loads(l)["contrastive"] for l in (full / "train_log.jsonl").read_text().splitlines() if "contrastive" in l]
-    log_b = [json.loads(l)["contrastive"] for l in (cut / "train_log.jsonl").read_text().splitlines() if "contrastive" in l]
+    log_a = [json.loads(l)["infonce"] for l in (full / "train_log.jsonl").read_text().splitlines() if "infonce" in l]
+    log_b = [json.loads(l)["infonce"] for l in (cut / "train_log.jsonl").read_text().splitlines() if "infonce" in l]
     assert log_a == log_b and len(log_a) == 6
 
 

@@ -68,7 +68,7 @@ def assert_run_artifacts(out: Path, sets: set[str], steps: int) -> dict:
     assert (out / "eval" / "results.md").read_text().startswith("# Retrieval")
     assert (out / "eval" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "contrastive" in r] == list(range(1, steps + 1))
+    assert [r["step"] for r in log if "infonce" in r] == list(range(1, steps + 1))
     return results
 
 
@@ -205,11 +205,11 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_clip_dir, tmp_
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
     # the log holds each step once: step 9's line from before the kill was cut back on resume
-    steps = [json.loads(l)["step"] for l in (cut / "train_log.jsonl").read_text().splitlines() if "contrastive" in l]
+    steps = [json.loads(l)["step"] for l in (cut / "train_log.jsonl").read_text().splitlines() if "infonce" in l]
     assert steps == list(range(1, 11))
     full_log = [json.loads(l) for l in (full / "train_log.jsonl").read_text().splitlines()]
     cut_log = [json.loads(l) for l in (cut / "train_log.jsonl").read_text().splitlines()]
-    assert [r["contrastive"] for r in cut_log] == pytest.approx([r["contrastive"] for r in full_log], abs=1e-5)
+    assert [r["infonce"] for r in cut_log] == pytest.approx([r["infonce"] for r in full_log], abs=1e-5)
 
 
 def test_unreadable_image_count_survives_a_resume(tiny_clip_dir, tmp_path, monkeypatch, capsys):
@@ -422,7 +422,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_clip_dir, tmp_path, monke
     monkeypatch.setattr(ClipInfoNCE, "forward", nan_loss)
     assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, tmp_path / "nan")]) == 2
     err = capsys.readouterr().err
-    assert "non-finite loss at step 1" in err and "contrastive=nan" in err
+    assert "non-finite loss at step 1" in err and "infonce=nan" in err
     assert not (tmp_path / "nan" / "adapter").exists()
 
 
@@ -512,7 +512,7 @@ def test_a_loss_with_its_own_parameter_is_optimised_and_checkpointed(tiny_clip_d
             terms["bias_penalty"] = self.bias ** 2
             return terms
 
-    monkeypatch.setattr(train, "build_loss", lambda cfg, train_pairs: InfoNCEWithBias())
+    monkeypatch.setattr(train, "build_loss", lambda cfg, train_pairs, **_: InfoNCEWithBias())
     out = tmp_path / "bias"
     assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, out, steps=4)]) == 0
     ckpt = latest_checkpoint(out / "checkpoints")

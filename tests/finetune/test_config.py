@@ -109,7 +109,7 @@ def test_single_problem_header_is_singular(in_tmp):
 def test_unknown_key_without_close_match_lists_valid_keys(in_tmp):
     problems = load_problems(write_recipe(in_tmp, recipe(loss={"zzzzzz": 1})))
     assert problems == [f"loss.zzzzzz: unknown key; valid keys here: {', '.join(LossConfig.model_fields)}"]
-    assert "kind, gather_across_processes" in problems[0]
+    assert "terms, gather_across_processes" in problems[0]
 
 
 def test_missing_required_sections_are_named(in_tmp):
@@ -298,7 +298,7 @@ def test_save_config_round_trips_with_defaults_spelled_out(in_tmp):
         assert set(saved[section]) == set(schema.model_fields), section
     assert set(saved["lora"]["text"]) == set(LoraTowerConfig.model_fields)
     assert set(saved["data"]["train"]) == set(DatasetSpec.model_fields)
-    assert saved["loss"]["kind"] == "infonce" and saved["loss"]["gather_across_processes"] is True
+    assert saved["loss"]["terms"] == [{"name": "infonce", "weight": 1.0}] and saved["loss"]["gather_across_processes"] is True
     assert saved["train"]["batch_size"] == 64 and saved["train"]["epochs"] is None
     assert saved["lora"]["text"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "out_proj"]
     assert saved["lora"]["vision"]["layers"] == [-2, -1]

@@ -60,7 +60,7 @@ def test_qlora_trains_and_the_adapter_loads_on_the_full_precision_base(clip64_di
     ]
     assert train.main(["recipes/demo.yaml", *overrides]) == 0
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    losses = [r["contrastive"] for r in log if "contrastive" in r]
+    losses = [r["infonce"] for r in log if "infonce" in r]
     assert len(losses) == 8
     # one batch of 16 pairs seen 8 times: the adapters on the quantized base must fit it
     assert losses[-1] < losses[0] - 0.1, losses
