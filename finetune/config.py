@@ -279,7 +279,8 @@ class DataConfig(Section):
     cache_preprocessed: bool = Field(
         default=False,
         description="Resize training images to the processor's size once (stored with datasets); "
-        "later epochs skip decode + resize. Same tensors.",
+        "later epochs skip decode + resize. Same tensors. With augment.image.* on, the cache holds the "
+        "pre-augmentation images; augmentation is drawn on top of them every epoch.",
     )
     image_size: int | None = Field(
         default=None, gt=0, description="Train and evaluate at this square resolution instead of the checkpoint's "
