@@ -83,6 +83,8 @@ def preprocess_augmented_images(processor: CLIPProcessor, images: list, keys: li
     image_processor = processor.image_processor
     pixels = image_processor(images=images, do_normalize=False, return_tensors="pt")["pixel_values"]  # (B, 3, H, W) in [0, 1]
     pixels = augment_images(pixels, keys, seed, augment)  # (B, 3, H, W)
+    if not image_processor.do_normalize:  # a checkpoint whose processor does not normalise: neither do we
+        return pixels
     mean = torch.tensor(image_processor.image_mean, dtype=pixels.dtype)[:, None, None]  # (3, 1, 1)
     std = torch.tensor(image_processor.image_std, dtype=pixels.dtype)[:, None, None]  # (3, 1, 1)
     return (pixels - mean) / std

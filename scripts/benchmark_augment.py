@@ -9,7 +9,8 @@ Each configuration runs the training loader exactly as `finetune/train.py` build
 decode with JPEG draft, resize + crop, augment, normalise, tokenize) for whole passes over the
 images, configurations interleaved (off, crop, flip, ..., off, crop, ...) so a neighbour's load hits
 all of them alike; the best pass of each counts. Settings are the schema defaults of each transform
-with `enabled: true` (colour jitter with p=1 so every image pays for it).
+with `enabled: true`, colour jitter with p=1 so every image pays for it (its default hue 0 skips the
+HSV round trip; `color_jitter_with_hue` adds hue 0.05). `all_image` is every transform at its default.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from scripts.benchmark import build_processor, encoded_images, load_average  # n
 OFF = ImageAugmentation(
     crop=False, crop_scale=(0.8, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=False, flip_p=0.5,
     rotation=False, rotation_degrees=10.0, rotation_padding="border",
-    jitter=False, jitter_p=1.0, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05,
+    jitter=False, jitter_p=1.0, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.0,
 )
 TEXT_OFF = TextAugmentation(word_dropout=0.0, word_swap=0.0, caption_templates=None)
 TEXT_ON = TextAugmentation(word_dropout=0.1, word_swap=0.1, caption_templates=("{caption}", "a photo of {caption}"))
@@ -52,6 +53,7 @@ CONFIGS = {  # name -> (image settings or None, text settings)
     "horizontal_flip": (dataclasses.replace(OFF, flip=True), TEXT_OFF),
     "rotation": (dataclasses.replace(OFF, rotation=True), TEXT_OFF),
     "color_jitter": (dataclasses.replace(OFF, jitter=True), TEXT_OFF),
+    "color_jitter_with_hue": (dataclasses.replace(OFF, jitter=True, hue=0.05), TEXT_OFF),
     "all_image": (dataclasses.replace(OFF, crop=True, flip=True, rotation=True, jitter=True), TEXT_OFF),
     "all_image_and_text": (dataclasses.replace(OFF, crop=True, flip=True, rotation=True, jitter=True), TEXT_ON),
 }

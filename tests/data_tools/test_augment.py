@@ -237,3 +237,15 @@ def test_a_row_drawn_twice_in_an_epoch_is_augmented_twice_differently(loader_par
 def test_sample_generator_is_a_function_of_its_key():
     assert sample_generator(1, 2, 3, 0).random() == sample_generator(1, 2, 3, 0).random()
     assert sample_generator(1, 2, 3, 0).random() != sample_generator(1, 2, 3, 1).random()
+
+
+def test_a_processor_that_does_not_normalise_is_followed(loader_parts, tiny_clip_dir):
+    _, processor = loader_parts
+    pairs = loader_parts[0]
+    raw = CLIPProcessor.from_pretrained(tiny_clip_dir)
+    raw.image_processor.do_normalize = False
+    rows = [dict(pairs[i], augment_key=(0, i)) for i in range(2)]
+    identity = dataclasses.replace(OFF, flip=True, flip_p=0.0)
+    plain = ImageTextCollator(raw, 16)(rows)["pixel_values"]
+    augmented = ImageTextCollator(raw, 16, augment=identity, augment_seed=0)(rows)["pixel_values"]
+    assert torch.equal(augmented, plain) and plain.min() >= 0 and plain.max() <= 1
