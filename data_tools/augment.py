@@ -161,6 +161,15 @@ def draw_image_params(height: int, width: int, aug: ImageAugmentation, seed: int
 # ----------------------------------------------------------------------------- applying them
 
 
+def import_kernels() -> None:
+    """Import kornia in the main process before DataLoader workers start: forked workers then inherit it
+    instead of each paying the import (seconds) again on its first augmented batch, and again each epoch
+    when workers are not persistent. Not at module level: runs without augmentation never pay it."""
+    import kornia.enhance  # noqa: F401
+    import kornia.geometry.transform  # noqa: F401
+
+
+
 def resized_crop(image: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
     """(3, H, W) -> the box's pixels resized back to (3, H, W); the whole image comes back untouched."""
     _, height, width = image.shape

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from transformers import CLIPProcessor
 
-from data_tools.augment import ImageAugmentation, augment_images
+from data_tools.augment import ImageAugmentation, augment_images, import_kernels
 from data_tools.loading import decode_image
 
 
@@ -25,6 +25,8 @@ class ImageTextCollator:
         self.draft_size = draft_size  # JPEGs decode at a reduced scale that still covers this side
         # Training only: rows then carry `augment_key` (epoch, position) from data_tools.augment.AugmentedRows.
         self.augment, self.augment_seed = augment, augment_seed
+        if augment is not None:
+            import_kernels()
 
     def __call__(self, rows: list[dict]) -> dict:
         """rows [{"image", "caption", "image_index", "source_row", "image_id", ("label")}] -> batch:
