@@ -119,9 +119,25 @@ def resume_conflicts(saved_config: dict, current_config: dict) -> list[str]:
     return changed
 
 
+def with_schema_defaults(saved_config: dict) -> dict:
+    """A checkpoint's config with keys added to the schema since it was written (e.g. a new `augment:`
+    section) at their defaults, which keep the old behaviour: a resume is refused only for real changes.
+    The config as written when it no longer validates (a moved data folder, say)."""
+    import warnings
+
+    from finetune.config import ConfigError, validate_config
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ignored-key notes were shown when the run started
+            return validate_config(saved_config).model_dump(mode="json")
+    except ConfigError:
+        return saved_config
+
+
 def check_resumable(state: TrainerState, checkpoint: Path, current_config: dict, num_processes: int) -> None:
     """Refuse, naming every difference, a resume that could not continue exactly where the run stopped."""
-    problems = resume_conflicts(state.config, current_config) if state.config else []
+    problems = resume_conflicts(with_schema_defaults(state.config), current_config) if state.config else []
     if state.num_processes != num_processes:
         problems.append(
             f"processes: {state.num_processes} -> {num_processes} (the data order and the per-process batch "

@@ -9,16 +9,24 @@ from typing import NamedTuple
 import torch
 from transformers import CLIPProcessor
 
+from data_tools.augment import ImageAugmentation, augment_images, import_kernels
 from data_tools.loading import decode_image
 
 
 class ImageTextCollator:
     """rows in the normal form -> batch dict (see `__call__`)."""
 
-    def __init__(self, processor: CLIPProcessor, max_text_length: int, draft_size: int | None = None):
+    def __init__(
+        self, processor: CLIPProcessor, max_text_length: int, draft_size: int | None = None,
+        augment: ImageAugmentation | None = None, augment_seed: int | None = None,
+    ):
         self.processor = processor
         self.max_text_length = max_text_length
         self.draft_size = draft_size  # JPEGs decode at a reduced scale that still covers this side
+        # Training only: rows then carry `augment_key` (epoch, position) from data_tools.augment.AugmentedRows.
+        self.augment, self.augment_seed = augment, augment_seed
+        if augment is not None:
+            import_kernels()
 
     def __call__(self, rows: list[dict]) -> dict:
         """rows [{"image", "caption", "image_index", "source_row", "image_id", ("label")}] -> batch:
@@ -56,7 +64,11 @@ class ImageTextCollator:
         if rows and "label_id" in rows[0]:  # class id for label-aware losses; -1 = unlabelled
             batch["label_id"] = torch.tensor([row["label_id"] for row in kept], dtype=torch.int64)  # (B,)
         if images:
-            batch["pixel_values"] = preprocess_images(self.processor, images)  # (B, 3, H, W)
+            if self.augment is None:
+                batch["pixel_values"] = preprocess_images(self.processor, images)  # (B, 3, H, W)
+            else:
+                keys = [row["augment_key"] for row in kept]
+                batch["pixel_values"] = preprocess_augmented_images(self.processor, images, keys, self.augment_seed, self.augment)
             tokens = encode_captions(self.processor, [row["caption"] for row in kept], self.max_text_length)
             batch["input_ids"] = tokens["input_ids"]  # (B, L), L = longest caption in the batch
             batch["attention_mask"] = tokens["attention_mask"]  # (B, L)
@@ -66,6 +78,18 @@ class ImageTextCollator:
 def preprocess_images(processor: CLIPProcessor, images: list) -> torch.Tensor:
     """Resize, crop and normalise exactly as the checkpoint's image processor says."""
     return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def preprocess_augmented_images(processor: CLIPProcessor, images: list, keys: list[tuple[int, int]], seed: int, augment: ImageAugmentation) -> torch.Tensor:
+    """The processor's resize, crop and rescale to [0, 1]; the augmentation; then its normalisation."""
+    image_processor = processor.image_processor
+    pixels = image_processor(images=images, do_normalize=False, return_tensors="pt")["pixel_values"]  # (B, 3, H, W) in [0, 1]
+    pixels = augment_images(pixels, keys, seed, augment)  # (B, 3, H, W)
+    if not image_processor.do_normalize:  # a checkpoint whose processor does not normalise: neither do we
+        return pixels
+    mean = torch.tensor(image_processor.image_mean, dtype=pixels.dtype)[:, None, None]  # (3, 1, 1)
+    std = torch.tensor(image_processor.image_std, dtype=pixels.dtype)[:, None, None]  # (3, 1, 1)
+    return (pixels - mean) / std
 
 
 def encode_captions(processor: CLIPProcessor, captions: list[str], max_text_length: int) -> dict[str, torch.Tensor]:

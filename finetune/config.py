@@ -279,7 +279,8 @@ class DataConfig(Section):
     cache_preprocessed: bool = Field(
         default=False,
         description="Resize training images to the processor's size once (stored with datasets); "
-        "later epochs skip decode + resize. Same tensors.",
+        "later epochs skip decode + resize. Same tensors. With augment.image.* on, the cache holds the "
+        "pre-augmentation images; augmentation is drawn on top of them every epoch.",
     )
     image_size: int | None = Field(
         default=None, gt=0, description="Train and evaluate at this square resolution instead of the checkpoint's "
@@ -578,6 +579,120 @@ class ExportConfig(Section):
         if not value.startswith("R@") or not value[2:].isdigit():
             raise ValueError(f"must be a recall like R@1, got {value!r}")
         return value
+# --------------------------------------------------------------------------- augmentation
+
+
+def _ordered_pair(name: str, value: tuple[float, float], low: float, high: float, low_open: bool = False) -> tuple[float, float]:
+    lo, hi = value
+    below = (lambda v: v <= low) if low_open else (lambda v: v < low)
+    if below(lo) or below(hi) or lo > high or hi > high:
+        bound = f"({low:g}, {high:g}]" if low_open else f"[{low:g}, {high:g}]"
+        raise ValueError(f"{name} must lie within {bound}, got {list(value)}")
+    if lo > hi:
+        raise ValueError(f"{name} must be ordered [low, high], got {list(value)}")
+    return value
+
+
+class RandomResizedCropConfig(Section):
+    enabled: bool = Field(default=False, description="Crop a random part of the model's input and resize it back (RandomResizedCrop).")
+    scale: tuple[float, float] = Field(
+        default=(0.8, 1.0), description="[low, high] fraction of the input's area the crop keeps, within (0, 1]."
+    )
+    ratio: tuple[float, float] = Field(
+        default=(3 / 4, 4 / 3), description="[low, high] aspect ratio (width / height) of the crop, within [0.25, 4]."
+    )
+
+    @field_validator("scale")
+    @classmethod
+    def scale_in_unit_interval(cls, value):
+        return _ordered_pair("scale", value, 0.0, 1.0, low_open=True)
+
+    @field_validator("ratio")
+    @classmethod
+    def ratio_ordered(cls, value):
+        return _ordered_pair("ratio", value, 0.25, 4.0)
+
+
+class HorizontalFlipConfig(Section):
+    enabled: bool = Field(default=False, description="Mirror left-right. Never where laterality or text in the image matters.")
+    p: float = Field(default=0.5, ge=0, le=1, description="Probability a sample is flipped.")
+
+
+class RotationConfig(Section):
+    enabled: bool = Field(default=False, description="Rotate by a small random angle about the centre.")
+    degrees: float = Field(default=10.0, ge=0, le=45, description="Angle drawn uniformly from [-degrees, degrees], 0..45.")
+    padding: Literal["zeros", "border", "reflection"] = Field(
+        default="border", description="What fills the corners a rotation uncovers: black, the nearest edge pixel, or a mirror."
+    )
+
+
+class ColorJitterConfig(Section):
+    enabled: bool = Field(default=False, description="Random brightness, contrast, saturation and hue, in a random order.")
+    p: float = Field(default=0.8, ge=0, le=1, description="Probability a sample is jittered at all.")
+    brightness: float = Field(default=0.2, ge=0, le=1, description="Factor drawn from [1 - b, 1 + b], 0..1 (0 = unchanged).")
+    contrast: float = Field(default=0.2, ge=0, le=1, description="Factor drawn from [1 - c, 1 + c], 0..1 (blend with the mean grey).")
+    saturation: float = Field(default=0.2, ge=0, le=1, description="Factor drawn from [1 - s, 1 + s], 0..1 (blend with greyscale).")
+    hue: float = Field(default=0.0, ge=0, le=0.5, description="Hue shift drawn from [-h, h] turns of the colour wheel, 0..0.5.")
+
+
+class ImageAugmentConfig(Section):
+    """Applied in this order to the processor's resized input, before its normalisation; training only."""
+
+    random_resized_crop: RandomResizedCropConfig = Field(default_factory=RandomResizedCropConfig)
+    horizontal_flip: HorizontalFlipConfig = Field(default_factory=HorizontalFlipConfig)
+    rotation: RotationConfig = Field(default_factory=RotationConfig)
+    color_jitter: ColorJitterConfig = Field(default_factory=ColorJitterConfig)
+
+
+class TextAugmentConfig(Section):
+    word_dropout: float = Field(
+        default=0.0, ge=0, lt=0.5, description="Probability each caption word is dropped (one word always kept); 0 = off, below 0.5."
+    )
+    word_swap: float = Field(default=0.0, ge=0, le=1, description="Probability a caption gets one swap of two adjacent words; 0 = off.")
+    caption_templates: list[str] | None = Field(
+        default=None, min_length=1,
+        description="Templates with {caption}, one drawn per sample per epoch, e.g. ['{caption}', 'a radiograph: {caption}']. null = off.",
+    )
+
+    @field_validator("caption_templates")
+    @classmethod
+    def templates_hold_the_caption(cls, templates: list[str] | None) -> list[str] | None:
+        for i, template in enumerate(templates or []):
+            if template.count("{caption}") != 1:
+                raise ValueError(f"template {i} ({template!r}) needs exactly one {{caption}} placeholder")
+        return templates
+
+
+class AugmentConfig(Section):
+    """Training-time augmentation, off by default; drawn from (train.seed, epoch, position in the epoch)."""
+
+    image: ImageAugmentConfig = Field(default_factory=ImageAugmentConfig)
+    text: TextAugmentConfig = Field(default_factory=TextAugmentConfig)
+
+    def image_enabled(self) -> bool:
+        i = self.image
+        return i.random_resized_crop.enabled or i.horizontal_flip.enabled or i.rotation.enabled or i.color_jitter.enabled
+
+    def text_enabled(self) -> bool:
+        t = self.text
+        return t.word_dropout > 0 or t.word_swap > 0 or bool(t.caption_templates)
+
+    @model_validator(mode="after")
+    def warn_ignored_transform_keys(self) -> "AugmentConfig":
+        for name in ImageAugmentConfig.model_fields:
+            section = getattr(self.image, name)
+            ignored = sorted(  # only values a user changed: a resolved config spells out every default
+                k for k in section.model_fields_set - {"enabled"} if getattr(section, k) != type(section).model_fields[k].default
+            )
+            if not section.enabled and ignored:
+                warnings.warn(
+                    f"augment.image.{name}.enabled is false: "
+                    + ", ".join(f"augment.image.{name}.{k}" for k in ignored) + " ignored",
+                    stacklevel=2,
+                )
+        return self
+
+
 class ParallelSyntheticSpec(Section):
     domain: Literal["source"] = Field(default="source", description="Domain whose captions are generated in parallel.")
     num_samples: int = Field(gt=0, description="Parallel rows (one concept and template each).")
@@ -699,6 +814,7 @@ class RecipeConfig(Section):
         default=None, description="Stage 1 before contrastive training: distil the original text tower into model.text_tower."
     )
     mining: MiningConfig = Field(default_factory=MiningConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @model_validator(mode="after")
     def zero_steps_only_after_distillation(self) -> "RecipeConfig":
@@ -759,6 +875,15 @@ class RecipeConfig(Section):
                 "model.train_logit_scale is true but no term in loss.terms reads CLIP's temperature "
                 f"(only {' and '.join(CLIP_TEMPERATURE_TERMS)} do; siglip learns its own): it will not move",
                 stacklevel=2,
+            )
+        return self
+
+    @model_validator(mode="after")
+    def caption_templates_need_captions(self) -> "RecipeConfig":
+        if self.augment.text.caption_templates and self.data.train.caption_column is None:
+            raise ValueError(
+                "augment.text.caption_templates wrap existing captions, but data.train.caption_column is null (label-only: "
+                "its captions are already drawn from data.train.caption_templates each epoch); add the wording there instead"
             )
         return self
 

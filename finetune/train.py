@@ -82,6 +82,8 @@ from finetune.report import describe_duplicate_captions, format_language_table, 
 from finetune.step import cached_contrastive_step, plain_step  # noqa: E402
 from finetune.train_data import (  # noqa: E402
     TrainingSet,
+    augmented_loader_parts,
+    build_augmentation,
     build_class_weights,
     build_sampler,
     build_training_set,
@@ -501,11 +503,14 @@ def build_train_loader(cfg: RecipeConfig, train_pairs: TrainingSet, processor, m
     workers = loader_workers(cfg, accelerator)
     draft = processor_target_size(processor.image_processor) if cfg.data.decode_draft else None
     dataset = training_dataset(cfg, train_pairs)
+    image_augment, text_augment = build_augmentation(cfg)
+    if image_augment or text_augment:  # samples keyed by (epoch, position): same pixels for any num_workers or resume
+        dataset, sampler = augmented_loader_parts(dataset, sampler, cfg.train.seed, text_augment)
     loader = DataLoader(
         dataset,
         batch_size=cfg.train.batch_size,
         sampler=sampler,
-        collate_fn=ImageTextCollator(processor, max_text_length, draft_size=draft),
+        collate_fn=ImageTextCollator(processor, max_text_length, draft_size=draft, augment=image_augment, augment_seed=cfg.train.seed),
         drop_last=True,  # equal batches: every step has batch_size x processes negatives
         num_workers=workers,
         # Workers kept across epochs skip start-up costs, but keep their copy of the dataset: not for

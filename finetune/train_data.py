@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import datasets
 import torch
 
+from data_tools.augment import AugmentedRows, ImageAugmentation, PositionKeys, TextAugmentation
 from data_tools.class_weights import class_weights
 from data_tools.mixing import class_vocabulary, concatenate_training_sets
 from data_tools.sampling import (
@@ -83,3 +84,28 @@ def training_dataset(cfg: RecipeConfig, train: TrainingSet):
     if "caption_choices" in train.pairs.column_names:
         return EpochCaptions(train.pairs, cfg.train.seed)
     return train.pairs
+
+
+def build_augmentation(cfg: RecipeConfig) -> tuple[ImageAugmentation | None, TextAugmentation | None]:
+    """The recipe's `augment:` as plain settings; None for a side that is off (the loader is then untouched)."""
+    a = cfg.augment
+    i, t = a.image, a.text
+    image = ImageAugmentation(
+        crop=i.random_resized_crop.enabled, crop_scale=tuple(i.random_resized_crop.scale), crop_ratio=tuple(i.random_resized_crop.ratio),
+        flip=i.horizontal_flip.enabled, flip_p=i.horizontal_flip.p,
+        rotation=i.rotation.enabled, rotation_degrees=i.rotation.degrees, rotation_padding=i.rotation.padding,
+        jitter=i.color_jitter.enabled, jitter_p=i.color_jitter.p, brightness=i.color_jitter.brightness,
+        contrast=i.color_jitter.contrast, saturation=i.color_jitter.saturation, hue=i.color_jitter.hue,
+    )
+    text = TextAugmentation(
+        word_dropout=t.word_dropout, word_swap=t.word_swap,
+        caption_templates=tuple(t.caption_templates) if t.caption_templates else None,
+    )
+    return (image if image.enabled else None), (text if text.enabled else None)
+
+
+def augmented_loader_parts(dataset, sampler: EpochSampler, seed: int, text: TextAugmentation | None):
+    """(dataset, sampler) for the DataLoader with augmentation on: indices become (epoch, position, row), so
+    every sample's augmentation is keyed by its place in the epoch (not by worker RNG), and rows carry it."""
+    off = TextAugmentation(word_dropout=0.0, word_swap=0.0, caption_templates=None)
+    return AugmentedRows(dataset, seed, text or off), PositionKeys(sampler)

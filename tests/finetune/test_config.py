@@ -293,7 +293,8 @@ def test_save_config_round_trips_with_defaults_spelled_out(in_tmp):
     assert not out.with_suffix(".yaml.tmp").exists()
     saved = yaml.safe_load(out.read_text())
     # Every default is written, not just what the recipe set.
-    assert set(saved) == {"model", "lora", "data", "loss", "sampling", "optim", "train", "eval", "export", "distill", "mining"}
+    assert set(saved) == set(RecipeConfig.model_fields)  # every section, new ones included
+    assert {"model", "lora", "data", "loss", "sampling", "optim", "train", "eval", "export", "distill", "mining", "augment"} <= set(saved)
     for section, schema in [("model", ModelConfig), ("loss", LossConfig), ("optim", OptimConfig), ("train", TrainConfig)]:
         assert set(saved[section]) == set(schema.model_fields), section
     assert set(saved["lora"]["text"]) == set(LoraTowerConfig.model_fields)
