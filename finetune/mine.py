@@ -183,6 +183,8 @@ class Miner:
         name = state.negatives_in_use
         if name not in self._tables:
             self._tables = {name: read_negatives(self.out / name)}
+        while not isinstance(sampler, MinedNegativeSampler):  # under wrappers that key samples (augmentation)
+            sampler = sampler.sampler
         sampler.set_negatives(self._tables[name], name)
 
     def after_step(self, model, state, max_steps: int) -> None:

@@ -3,7 +3,6 @@
     python scripts/ablate_demo.py                         # both studies, runs under runs/ablate/
     python scripts/ablate_demo.py --study replay          # replay 0 / 10 / 25% of source-domain data
     python scripts/ablate_demo.py --study longtail        # uniform / class-balanced / square-root x class weights
-    python scripts/ablate_demo.py --study losses          # each loss.terms variant on the demo as shipped
     python scripts/ablate_demo.py --out runs/ablate2 --steps 100 --set train.batch_size=64   # a cheaper study
 
 Every variant is `finetune/train.py recipes/demo.yaml` with the same steps, seed and eval sets, plus
@@ -39,20 +38,7 @@ VARIANTS: dict[str, list[str]] = {
     "sqrt": ["data.replay=[]", "sampling.kind=power", "sampling.power=0.5", "loss.class_weights=none"],
     "sqrt+weights": ["data.replay=[]", "sampling.kind=power", "sampling.power=0.5", "loss.class_weights=inverse_frequency"],
 }
-# The demo as shipped (replay 25%), only loss.terms changed.
-LOSS_VARIANTS = {
-    "infonce": "[infonce]",
-    "hn_infonce": "[{name: hn_infonce, beta: 0.5}]",
-    "siglip": "[siglip]",
-    "infonce+siglip": "[infonce, {name: siglip, weight: 0.5}]",
-    "vsepp": "[vsepp]",
-    "semihard": "[semihard]",
-    "margin_ranking": "[margin_ranking]",
-    "infonce+adversarial": "[infonce, {name: adversarial, weight: 0.1}]",
-}
-VARIANTS.update({f"loss_{name}": [f"loss.terms={terms}"] for name, terms in LOSS_VARIANTS.items()})
 STUDIES = {
-    "losses": [f"loss_{name}" for name in LOSS_VARIANTS],
     "replay": ["uniform", "replay10", "replay25"],
     "longtail": ["uniform", "uniform+weights", "class_balanced", "class_balanced+weights", "sqrt", "sqrt+weights"],
 }
@@ -117,22 +103,6 @@ def longtail_rows(runs: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def loss_rows(runs: dict[str, dict]) -> list[dict]:
-    def row(label, res):
-        return {
-            "model": label,
-            "target_t2i_R@1": _get(res, "target", "t2i", "R@1"),
-            "target_i2t_R@1": _get(res, "target", "i2t", "R@1"),
-            "target_t2i_R@5": _get(res, "target", "t2i", "R@5"),
-            "source_t2i_R@1": _get(res, "source", "t2i", "R@1"),
-        }
-
-    first = next(name for name in STUDIES["losses"] if name in runs)
-    rows = [row("zero-shot", runs[first]["zero_shot"])]
-    rows += [row(name.removeprefix("loss_"), runs[name]["adapted"]) for name in STUDIES["losses"] if name in runs]
-    return rows
-
-
 def markdown(rows: list[dict]) -> str:
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -169,13 +139,18 @@ def save_plot(tables: dict[str, list[dict]], path: Path) -> None:
         plt.close(fig)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", choices=["replay", "longtail", "losses", "both"], default="both", help="both = replay and longtail")
-    parser.add_argument("--out", default="runs/ablate")
+def add_study_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
+    """--out, --steps, --recipe, --set: what every demo study takes."""
+    parser.add_argument("--out", default=out)
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps of every variant (the demo: 400)")
     parser.add_argument("--recipe", default="recipes/demo.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every variant")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", choices=["replay", "longtail", "both"], default="both")
+    add_study_arguments(parser, out="runs/ablate")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,8 +161,6 @@ def main(argv=None) -> int:
         tables["replay (text->image R@1, same steps)"] = replay_rows(runs)
     if args.study in ("longtail", "both"):
         tables["long tail (target)"] = longtail_rows(runs)
-    if args.study == "losses":
-        tables["loss terms (R@1 / R@5, same steps)"] = loss_rows(runs)
     settings = ", ".join([f"{args.steps} steps", *args.set])
     text = f"# Demo ablations ({settings}; every variant the same)\n\n" + "\n\n".join(f"## {t}\n\n{markdown(r)}" for t, r in tables.items()) + "\n"
     print(text)

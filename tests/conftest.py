@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -20,8 +21,12 @@ from finetune.tiny_clip import build_tiny_clip, save_clip_folder  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    """2 layers, width 32, 32x32 images: a real CLIPModel/CLIPProcessor folder, untrained."""
-    model, processor = build_tiny_clip(all_caption_text(per_domain=150), vocab_size=40, width=32, layers=2)
+    """2 layers, width 32, 32x32 images: a real CLIPModel/CLIPProcessor folder, untrained. Initialised from a
+    fixed seed: the same model whichever tests ran before it (some tests need its zero-shot ranking to
+    leave mined negatives)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model, processor = build_tiny_clip(all_caption_text(per_domain=150), vocab_size=40, width=32, layers=2)
     return save_clip_folder(model, processor, tmp_path_factory.mktemp("tiny-clip"))
 
 

@@ -8,6 +8,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 from accelerate.state import AcceleratorState
 
 from finetune import train
@@ -20,6 +21,22 @@ MINING = ["mining.enabled=true", "mining.relative_margin=0", "mining.negatives_p
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():
     yield
+    AcceleratorState._reset_state(True)
+
+
+def killed_after_step_9(tiny_clip_dir, out, args: list[str], monkeypatch) -> None:
+    """A 10-step run of `args` into `out` that dies right after step 9 is logged (the last checkpoint: 8)."""
+    real_append = train.append_log
+
+    def log_then_die(path, record):
+        real_append(path, record)
+        if record.get("step") == 9:
+            raise SimulatedKill(9)
+
+    monkeypatch.setattr(train, "append_log", log_then_die)
+    with pytest.raises(SimulatedKill):
+        train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, out, steps=10), *args])
+    monkeypatch.setattr(train, "append_log", real_append)
     AcceleratorState._reset_state(True)
 
 
@@ -57,18 +74,7 @@ def test_resume_with_mining_matches_the_uninterrupted_run(tiny_clip_dir, tmp_pat
     AcceleratorState._reset_state(True)
 
     cut = tmp_path / "cut"
-    real_append = train.append_log
-
-    def log_then_die(path, record):
-        real_append(path, record)
-        if record.get("step") == 9:
-            raise SimulatedKill(9)
-
-    monkeypatch.setattr(train, "append_log", log_then_die)
-    with pytest.raises(SimulatedKill):
-        train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), *args])
-    monkeypatch.setattr(train, "append_log", real_append)
-    AcceleratorState._reset_state(True)
+    killed_after_step_9(tiny_clip_dir, cut, args, monkeypatch)
     saved = read_trainer_state(latest_checkpoint(cut / "checkpoints"))
     assert (saved["step"], saved["epoch"]) == (8, 1)
     assert saved["negatives_in_use"] == "mining/negatives-step00000004.parquet"
@@ -138,3 +144,33 @@ def test_two_processes_with_mining_equal_one_process_with_the_global_batch(tiny_
     a, b = trainable_tensors(tmp_path / "two"), trainable_tensors(tmp_path / "one")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_mining_augmentation_and_loss_terms_together_resume_exactly(tiny_clip_dir, tmp_path, monkeypatch):
+    """Mined batches under the augmentation's (epoch, position) keys, with a learned-parameter term beside
+    InfoNCE: the mined file reaches the sampler through the augmentation wrapper, and a run killed after
+    step 9 and resumed ends where the uninterrupted run does (LoRA, SigLIP's temperature and bias, log)."""
+    args = [
+        *DROPOUT, "data.replay=[]", *MINING, "mining.refresh_every_steps=4",
+        "augment.image.random_resized_crop.enabled=true", "augment.image.rotation.enabled=true", "augment.text.word_dropout=0.2",
+        "loss.terms=[infonce, {name: siglip, weight: 0.5}]",
+    ]
+    full = tmp_path / "full"
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, full, steps=10), *args]) == 0
+    AcceleratorState._reset_state(True)
+    cut = tmp_path / "cut"
+    killed_after_step_9(tiny_clip_dir, cut, args, monkeypatch)
+    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), *args, "train.resume_from=latest"]) == 0
+
+    assert read_trainer_state(latest_checkpoint(cut / "checkpoints"))["negatives_in_use"] == "mining/negatives-step00000004.parquet"
+    for kind in ("trainable_0", "trainable_1"):  # the model's LoRA, then the loss's parameters
+        a = load_file(latest_checkpoint(full / "checkpoints") / f"{kind}.safetensors")
+        b = load_file(latest_checkpoint(cut / "checkpoints") / f"{kind}.safetensors")
+        assert a.keys() == b.keys() and len(a) > 0, kind
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=f"{kind}:{name}")
+    full_log = [json.loads(l) for l in (full / "train_log.jsonl").read_text().splitlines() if "siglip" in l]
+    cut_log = [json.loads(l) for l in (cut / "train_log.jsonl").read_text().splitlines() if "siglip" in l]
+    assert [r["step"] for r in cut_log] == list(range(1, 11))
+    for key in ("infonce", "siglip"):
+        assert [r[key] for r in cut_log] == pytest.approx([r[key] for r in full_log], abs=1e-5)
