@@ -252,6 +252,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--backend", choices=("torch", "onnx", "onnx-int8"), default="torch",
+                        help="the server's embedder (onnx / onnx-int8 need an export made with --onnx / --onnx-int8)")
     parser.add_argument("--modes", default="on,off", help="batching modes to run, in order: on,off | on | off")
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     parser.add_argument("--out", default=None, help="also write the JSON here")
@@ -275,11 +277,12 @@ def main(argv=None) -> int:
     report = {
         "index": str(index_dir), "requests": args.requests, "concurrency": args.concurrency, "seed": args.seed,
         "mix": {kind: sum(p["kind"] == kind for p in plans) for kind in KINDS},
+        "backend": args.backend,
         "batching": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms},
         "machine": {"cpus": os.cpu_count(), "load_average_before": [round(x, 2) for x in os.getloadavg()]},
     }
     for mode in modes:
-        extra = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+        extra = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--backend", args.backend]
         if mode == "off":
             extra.append("--no-batching")
         port = free_port()

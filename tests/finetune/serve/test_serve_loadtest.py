@@ -35,6 +35,7 @@ def check_run(run):
 def test_loadtest_against_a_real_server(tiny_index, tmp_path, capsys):
     report = run_loadtest(tiny_index, tmp_path, capsys, "--requests", "40", "--modes", "on")
     assert sum(report["mix"].values()) == 40 and report["mix"]["malformed"] > 0 and "batching_off" not in report
+    assert report["backend"] == "torch"
     check_run(report["batching_on"])
 
 
