@@ -59,6 +59,9 @@ EXPORT_COMMANDS = ("export", "index", "search", "push", "serve")
 
 
 def main(argv=None) -> int:
+    from finetune.quiet import quiet_third_party_notices
+
+    quiet_third_party_notices()  # every subcommand may import peft (and with it bitsandbytes' import-time notice)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in EXPORT_COMMANDS:  # each parses its own options (finetune/export/commands.py)
         return _export_commands()[argv[0]](argv[1:])
