@@ -84,3 +84,27 @@ def test_four_bit_keys_are_ignored_with_a_warning_unless_4bit(tiny_clip_dir):
         cfg = validate_config(tree)
     assert cfg.model.quantization == "8bit"
     assert any("model.quant_type ignored (4bit only)" in str(w.message) for w in caught)
+
+
+def _mapped_files() -> str:
+    with open("/proc/self/maps") as fh:
+        return fh.read()
+
+
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_preparing_the_quantized_base_releases_the_memory_mapped_checkpoint(clip64_dir, kind):
+    """from_pretrained leaves the unquantized tensors as views of the mmapped safetensors file, which keeps
+    the whole full-precision checkpoint resident; preparing copies them out and the mapping goes, with
+    every tensor's values unchanged."""
+    from finetune.quantize import prepare_quantized_for_training
+
+    checkpoint = str((clip64_dir / "model.safetensors").resolve())
+    config = bnb_quantization_config(kind, "nf4", True, "float32", full_precision_modules(CLIPModel.config_class.from_pretrained(clip64_dir)))
+    model, _ = load_model(str(clip64_dir), quantization_config=config, device="cpu")
+    assert checkpoint in _mapped_files()  # what the preparation is for
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    model = prepare_quantized_for_training(model)
+    assert checkpoint not in _mapped_files()
+    after = model.state_dict()
+    for name, value in before.items():
+        assert torch.equal(after[name].to(value.dtype), value), name
