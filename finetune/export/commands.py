@@ -160,16 +160,27 @@ def search_main(argv=None) -> int:
     parser.add_argument("--weight", type=float, default=0.5, help="fused query: weight of the image embedding (0..1)")
     parser.add_argument("--against", choices=("image", "text"), default=None, help="which index (default: image when built)")
     parser.add_argument("-k", type=int, default=10)
+    parser.add_argument(
+        "--filter", action="append", default=[], metavar="FIELD=VALUE",
+        help="keep hits whose id-map FIELD equals VALUE (e.g. label=circle); repeat a field for any of several values",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     args = parser.parse_args(argv)
     if args.text is None and args.image is None:
         parser.error("give --text, --image, or both")
+    filters: dict[str, list[str]] = {}
+    for item in args.filter:
+        field, sep, value = item.partition("=")
+        if not sep or not field:
+            parser.error(f"--filter {item!r}: write FIELD=VALUE, e.g. --filter label=circle")
+        filters.setdefault(field, []).append(value)
 
     def go() -> int:
         from finetune.export.search import Searcher, format_hits
 
         searcher = Searcher(args.index_dir)
-        hits = searcher.search(text=args.text, image=args.image, weight=args.weight, k=args.k, against=args.against)
+        hits = searcher.search(text=args.text, image=args.image, weight=args.weight, k=args.k, against=args.against,
+                               filters=filters or None)
         print(json.dumps(hits, indent=2) if args.json else format_hits(hits))
         return 0
 

@@ -112,6 +112,15 @@ def test_search_text_image_image_to_text_and_fused(indexed, tmp_path, capsys):
     assert cli_main(["search", str(indexed / "index"), "--text", text, "-k", "2"]) == 0
     assert "text query" in capsys.readouterr().out
 
+    # --filter: only the named ids, in the unfiltered ranking's order; a field the id map lacks is an error
+    ranked = [h["image_id"] for h in searcher.search(text=text, k=40)["hits"]]
+    wanted = ranked[5:10]
+    args = [a for image_id in reversed(wanted) for a in ("--filter", f"image_id={image_id}")]
+    assert cli_main(["search", str(indexed / "index"), "--text", text, "-k", "4", "--json", *args]) == 0
+    assert [h["image_id"] for h in json.loads(capsys.readouterr().out)["hits"]] == wanted[:4]
+    assert cli_main(["search", str(indexed / "index"), "--text", text, "--filter", "colour=red"]) == 2
+    assert "filters.colour: not a field of the image id map" in capsys.readouterr().err
+
 
 def test_search_refuses_an_index_built_with_another_model(indexed, tmp_path):
     import shutil
