@@ -220,7 +220,22 @@ def _hinge(margin: float, positive: torch.Tensor, negative_sim: torch.Tensor) ->
     return (margin - positive + negative_sim).clamp(min=0)
 
 
-class MaxViolationTriplet(nn.Module):
+class _CosineHinge(nn.Module):
+    """What the hinge terms share: a margin on cosine similarity (no temperature) and the negatives mask."""
+
+    def __init__(self, margin: float, *, same_label_negatives: bool):
+        super().__init__()
+        self.margin = margin
+        self.same_label_negatives = same_label_negatives
+
+    def cosines(self, features: Features, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """sim (N, N) image rows x caption columns, negative (N, N) bool, positive (N, 1) = sim's diagonal."""
+        sim = features.image @ features.text.T  # (N, N) cosine
+        negative = negatives_mask(batch, same_label_negatives=self.same_label_negatives)  # (N, N)
+        return sim, negative, sim.diagonal()[:, None]
+
+
+class MaxViolationTriplet(_CosineHinge):
     """VSE++ max-violation triplet loss (Faghri et al. 2018), recipe term `vsepp`.
 
     For each pair, the hardest negative caption of its image and the hardest negative image of its
@@ -230,15 +245,8 @@ class MaxViolationTriplet(nn.Module):
     no negative left after masking contributes 0. Class weights are ignored.
     """
 
-    def __init__(self, margin: float, *, same_label_negatives: bool):
-        super().__init__()
-        self.margin = margin
-        self.same_label_negatives = same_label_negatives
-
     def forward(self, features: Features, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        sim = features.image @ features.text.T  # (N, N) cosine
-        negative = negatives_mask(batch, same_label_negatives=self.same_label_negatives)  # (N, N)
-        positive = sim.diagonal()[:, None]  # (N, 1)
+        sim, negative, positive = self.cosines(features, batch)  # (N, N), (N, N), (N, 1)
         losses = []
         for s in (sim, sim.T):  # image anchors (negative captions), caption anchors (negative images)
             hardest = s.masked_fill(~negative, float("-inf")).max(dim=1, keepdim=True).values  # (N, 1)
@@ -246,7 +254,7 @@ class MaxViolationTriplet(nn.Module):
         return {"vsepp": (losses[0] + losses[1]).mean()}
 
 
-class SemiHardTriplet(nn.Module):
+class SemiHardTriplet(_CosineHinge):
     """FaceNet-style semi-hard triplet loss (Schroff et al. 2015), recipe term `semihard`.
 
     For each anchor (an image, and separately a caption) the negative is the hardest one that is still
@@ -259,15 +267,8 @@ class SemiHardTriplet(nn.Module):
         L = 1/N sum_i [ hinge(image i) + hinge(caption i) ].   Class weights are ignored.
     """
 
-    def __init__(self, margin: float, *, same_label_negatives: bool):
-        super().__init__()
-        self.margin = margin
-        self.same_label_negatives = same_label_negatives
-
     def forward(self, features: Features, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        sim = features.image @ features.text.T  # (N, N) cosine
-        negative = negatives_mask(batch, same_label_negatives=self.same_label_negatives)  # (N, N)
-        positive = sim.diagonal()[:, None]  # (N, 1)
+        sim, negative, positive = self.cosines(features, batch)  # (N, N), (N, N), (N, 1)
         losses = []
         for s in (sim, sim.T):
             farther = negative & (s < positive)  # (N, N) semi-hard candidates
@@ -279,21 +280,14 @@ class SemiHardTriplet(nn.Module):
         return {"semihard": (losses[0] + losses[1]).mean()}
 
 
-class MarginRanking(nn.Module):
+class MarginRanking(_CosineHinge):
     """Sum-of-hinges ranking loss over every negative, recipe term `margin_ranking`:
         L = 1/N sum_i [ sum_j max(0, m - s_ii + s_ij) + sum_j max(0, m - s_ii + s_ji) ],  j negatives of i,
     on cosine similarities (VSE's original loss, before VSE++ kept only the hardest negative).
     Class weights are ignored."""
 
-    def __init__(self, margin: float, *, same_label_negatives: bool):
-        super().__init__()
-        self.margin = margin
-        self.same_label_negatives = same_label_negatives
-
     def forward(self, features: Features, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        sim = features.image @ features.text.T  # (N, N) cosine
-        negative = negatives_mask(batch, same_label_negatives=self.same_label_negatives)  # (N, N)
-        positive = sim.diagonal()[:, None]  # (N, 1)
+        sim, negative, positive = self.cosines(features, batch)  # (N, N), (N, N), (N, 1)
         per_image = _hinge(self.margin, positive, sim).masked_fill(~negative, 0.0).sum(dim=1)  # (N,)
         per_text = _hinge(self.margin, positive, sim.T).masked_fill(~negative, 0.0).sum(dim=1)  # (N,)
         return {"margin_ranking": (per_image + per_text).mean()}
