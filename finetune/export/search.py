@@ -158,7 +158,7 @@ class Searcher:
 
         With filters, FAISS is asked for more neighbours than k (4k, then doubling) until k of them pass
         the filters or every vector was reached: post-filtering, which works for every index type
-        (Flat, IVF, OPQ+IVF+PQ alike); an IVF index only reaches the vectors of its nprobe lists."""
+        (Flat, IVF, IVF-SQ, OPQ+IVF+PQ alike); an IVF index only reaches the vectors of its nprobe lists."""
         index, id_map = self.indexes[against], self.id_maps[against]
         query = np.ascontiguousarray(vector[None], dtype=np.float32)  # (1, D)
         mask = self.filter_mask(against, filters) if filters else None

@@ -37,6 +37,37 @@ def test_choose_factory_by_size_and_budget():
         choose_factory(1_000_000, 512, 5 * 10**6)
 
 
+def test_tight_budgets_get_the_widest_residual_scalar_codes_that_fit():
+    flat = 1_000_000 * 512 * 4
+    assert choose_factory(1_000_000, 512, int(0.3 * flat))[0] == "IVF4096,SQ8"
+    factory, why = choose_factory(1_000_000, 512, int(0.2 * flat))
+    assert factory == "IVF4096,SQ6" and "6-bit residual scalar codes" in why
+    # 100k: 1024 lists' centroids (2 MB) leave no room for 6-bit codes; 512 lists do.
+    assert choose_factory(100_000, 512, int(0.2 * 100_000 * 2048))[0] == "IVF512,SQ6"
+    assert choose_factory(100_000, 512, int(0.15 * 100_000 * 2048))[0] == "IVF1024,SQ4"
+
+
+def test_residual_scalar_codes_fit_the_budget_rank_better_than_whole_vector_codes_and_stop_tuning_at_their_cap():
+    vectors = clustered(20_000, 64, 100, seed=0)
+    tuning = clustered(300, 64, 100, seed=1)
+    budget = int(0.2 * vectors.nbytes)
+    with pytest.warns(UserWarning, match=r"IVF512,SQ4: best recall@10 0\.\d+ is below the target 0\.95"):
+        index, entry = build_index(vectors, tuning, memory_budget=budget, target_recall=0.95)
+    assert entry["factory"] == "IVF512,SQ4" and entry["index_type"] == "IndexIVFScalarQuantizer"
+    assert len(faiss.serialize_index(index)) <= budget
+    # The codes cap recall: tuning stops once doubling nprobe twice gains nothing, long before 512 lists.
+    recalls = [t["recall_at_10"] for t in entry["tuning"]]
+    assert entry["tuning"][-1]["nprobe"] < 512 and recalls[-1] <= recalls[-3]
+    # Same lists, same bits, codes of the whole vector instead of its residual from the centroid.
+    whole = faiss.index_factory(64, "IVF512,SQ4", faiss.METRIC_INNER_PRODUCT)
+    whole.by_residual = False
+    whole.train(vectors)
+    whole.add(vectors)
+    whole.nprobe = faiss.downcast_index(index).nprobe
+    truth = exact_neighbours(vectors, tuning, 10)
+    assert recall_at(index, tuning, truth) >= recall_at(whole, tuning, truth) + 0.2
+
+
 def test_tuned_ivf_meets_its_recall_target_on_50k_clustered_vectors_and_finds_itself():
     vectors = clustered(50_000, 32, 200, seed=0)
     tuning, held_out = clustered(500, 32, 200, seed=1), clustered(500, 32, 200, seed=2)
