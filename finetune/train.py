@@ -70,11 +70,14 @@ from finetune.model import (  # noqa: E402
     ModelLoadError,
     TowerLora,
     add_lora,
+    choose_attention,
     load_model,
     load_model_config,
     lora_gradient_report,
     save_adapter,
+    set_attention,
     set_image_size,
+    tower_tokens,
     trainable_parameters_by_tower,
 )
 from finetune.quantize import bnb_quantization_config, full_precision_modules, prepare_quantized_for_training  # noqa: E402
@@ -125,7 +128,7 @@ def run(cfg: RecipeConfig) -> int:
     max_text_length = check_recipe_against_model(cfg)  # config.json only: recipe errors before any work
     out = Path(cfg.train.output_dir)
     checkpoint = prepare_output_dir(cfg, out, accelerator)
-    model, processor = build_base_model(cfg, accelerator)
+    model, processor = build_base_model(cfg, accelerator, max_text_length)
     set_image_size(processor, cfg.data.image_size)
     train_pairs, eval_sets = build_datasets(cfg, processor.tokenizer, max_text_length, accelerator)
     evaluate = partial(
@@ -276,15 +279,25 @@ def check_recipe_against_model(cfg: RecipeConfig) -> int:
     return cfg.data.max_text_length or limit
 
 
-def build_base_model(cfg: RecipeConfig, accelerator: Accelerator):
+def build_base_model(cfg: RecipeConfig, accelerator: Accelerator, max_text_length: int):
     """The checkpoint the recipe names (quantized for QLoRA when asked), or CLIP with its text tower
-    swapped for model.text_tower."""
+    swapped for model.text_tower; each tower's attention kernel set by model.attn_implementation."""
     if cfg.model.text_tower is None:
-        return load_base_model(cfg, accelerator)
-    if cfg.model.quantization != "none":
+        model, processor = load_base_model(cfg, accelerator)
+    elif cfg.model.quantization != "none":
         raise ConfigError("recipe", ["model.quantization: not supported together with model.text_tower (the swapped tower trains in full)"])
-    set_seed(cfg.train.seed)  # the new text projection's initialisation
-    return build_text_tower_swap(cfg.model.name_or_path, cfg.model.text_tower, cfg.model.revision, cfg.model.trust_remote_code)
+    else:
+        set_seed(cfg.train.seed)  # the new text projection's initialisation
+        model, processor = build_text_tower_swap(cfg.model.name_or_path, cfg.model.text_tower, cfg.model.revision, cfg.model.trust_remote_code)
+    tokens = tower_tokens(model.config, image_size=cfg.data.image_size, max_text_length=max_text_length)
+    attention = choose_attention(
+        cfg.model.attn_implementation, on_cpu=accelerator.device.type == "cpu", mixed_precision=accelerator.mixed_precision, tokens=tokens
+    )
+    set_attention(model, attention)
+    if attention != {tower: "sdpa" for tower in tokens}:
+        accelerator.print("Attention: " + ", ".join(f"{t} {attention[t]} ({tokens[t]} tokens)" for t in tokens)
+                          + f" (model.attn_implementation={cfg.model.attn_implementation})")
+    return model, processor
 
 
 def prepare_output_dir(cfg: RecipeConfig, out: Path, accelerator: Accelerator) -> Path | None:

@@ -178,8 +178,14 @@ def toolkit_step_fn(model, batch, precision: str):
     from finetune.losses import ClipInfoNCE
     from finetune.step import plain_step
 
+    from finetune.model import choose_attention, set_attention, tower_tokens
+    from finetune.towers import unwrap
+
     AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+    config = unwrap(model).config  # attention kernels as `finetune/train.py` sets them (model.attn_implementation: auto)
+    tokens = tower_tokens(config, image_size=None, max_text_length=config.text_config.max_position_embeddings)
+    set_attention(model, choose_attention("auto", on_cpu=accelerator.device.type == "cpu", mixed_precision=precision, tokens=tokens))
     params = [p for p in model.parameters() if p.requires_grad]
     prepared, optimizer = accelerator.prepare(model, torch.optim.AdamW(params, lr=1e-5))
     loss_fn = ClipInfoNCE()
@@ -257,6 +263,27 @@ def matmul_flops_per_s(dtype: torch.dtype, n: int, repeats: int) -> float:
     return 2 * n**3 / seconds
 
 
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
+              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
+
+
+def time_by_op(step) -> dict:
+    """Where one step's time goes (torch.profiler, self time per operator): the share spent in matmuls
+    and attention kernels, in dtype casts (`copy_`), and the top operators; shares of the profiled total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    total = sum(t for _, t in rows) or 1.0
+    top = sorted(rows, key=lambda r: -r[1])[:8]
+    return {
+        "matmul_share": round(sum(t for k, t in rows if k in MATMUL_OPS) / total, 3),
+        "copy_share": round(sum(t for k, t in rows if k == "aten::copy_") / total, 3),
+        "top": {k: round(t / total, 3) for k, t in top},
+    }
+
+
 def bench_mfu(s: dict, processor, shape: str, precision: str, matmul_n: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -277,7 +304,8 @@ def bench_mfu(s: dict, processor, shape: str, precision: str, matmul_n: int) -> 
     return entry(
         f"mfu_{precision}", model=shape_dict(shape), batch=s["batch"], precision=precision,
         measured={"step_flops": flops, "step_s": round(seconds, 4), "achieved_gflops": round(achieved / 1e9, 2),
-                  "matmul_gflops": round(peak / 1e9, 2), "matmul_n": matmul_n},
+                  "matmul_gflops": round(peak / 1e9, 2), "matmul_n": matmul_n,
+                  "step_s_if_matmuls_ran_at_peak": round(flops / peak, 4), "time_by_op": time_by_op(step)},
         ratio=mfu, target="achieved FLOP/s >= 0.40 x large-matmul FLOP/s", met=mfu >= 0.40,
     )
 

@@ -95,7 +95,7 @@ def hub_standin_overrides(model_dir, data_dir, out: Path, steps: int) -> list[st
     ]
 
 
-def test_medical_recipe_on_local_roco_standin(tiny_clip_dir, roco_like_dir, tmp_path):
+def test_medical_recipe_on_local_roco_standin(tiny_clip_dir, roco_like_dir, tmp_path, capsys):
     out = tmp_path / "med"
     overrides = [
         *hub_standin_overrides(tiny_clip_dir, roco_like_dir, out, steps=3),
@@ -107,6 +107,8 @@ def test_medical_recipe_on_local_roco_standin(tiny_clip_dir, roco_like_dir, tmp_
         *SMALL,
     ]
     assert train.main(["recipes/medical.yaml", *overrides]) == 0
+    # bf16 on a CPU, 4x4 patches + CLS and 32-token captions: both towers get eager attention (model.attn_implementation: auto)
+    assert "Attention: vision eager (17 tokens), text eager (32 tokens) (model.attn_implementation=auto)" in capsys.readouterr().out
     assert_run_artifacts(out, {"target"}, steps=3)
     # Accumulation of 2: three optimizer steps consumed all six micro-batches of the epoch.
     state = read_trainer_state(latest_checkpoint(out / "checkpoints"))
