@@ -11,7 +11,7 @@ the demo base (`recipes/assets/demo-clip`). Peak memory is measured in a fresh s
 configuration (peak resident set size of the training steps, Linux `VmHWM` after a reset, minus
 what the interpreter held before the model existed).
 
-Entries: step_overhead, mfu_fp32, mfu_bf16, memory, gradcache_memory, data_pipeline,
+Entries: step_overhead, mfu_fp32, mfu_bf16, attention_kernels, memory, gradcache_memory, data_pipeline,
 embedding_throughput, faiss (full run only).
 """
 
@@ -307,6 +307,35 @@ def bench_mfu(s: dict, processor, shape: str, precision: str, matmul_n: int) -> 
                   "matmul_gflops": round(peak / 1e9, 2), "matmul_n": matmul_n,
                   "step_s_if_matmuls_ran_at_peak": round(flops / peak, 4), "time_by_op": time_by_op(step)},
         ratio=mfu, target="achieved FLOP/s >= 0.40 x large-matmul FLOP/s", met=mfu >= 0.40,
+    )
+
+
+def bench_attention_kernels(lengths: tuple[int, ...], repeats: int) -> dict:
+    """One attention layer, forward + backward, eager (matmul, softmax, matmul) vs PyTorch's fused sdpa, in
+    bf16 and fp32: the measurement behind `model.attn_implementation: auto` (finetune/model.py)."""
+    from finetune.model import EAGER_MAX_TOKENS_CPU_BF16
+
+    batch, heads, head_dim = 8, 12, 64
+    measured = {}
+    for dtype, label in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for n in lengths:
+            q, k, v = (torch.randn(batch, heads, n, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
+
+            def sdpa():
+                F.scaled_dot_product_attention(q, k, v).sum().backward()
+
+            def eager():
+                weights = torch.softmax((q @ k.transpose(-1, -2)) * head_dim**-0.5, dim=-1, dtype=torch.float32).to(dtype)
+                (weights @ v).sum().backward()
+
+            times = interleaved({"sdpa": sdpa, "eager": eager}, repeats)
+            measured[f"{label}_{n}_tokens"] = {"sdpa_ms": round(times["sdpa"] * 1e3, 3), "eager_ms": round(times["eager"] * 1e3, 3),
+                                               "eager_speedup": round(times["sdpa"] / times["eager"], 2)}
+    return entry(
+        "attention_kernels", model={"batch": batch, "heads": heads, "head_dim": head_dim, "tokens": list(lengths)}, batch=batch,
+        precision="bf16 / fp32", measured=measured, ratio=None,
+        target=f"informs model.attn_implementation: auto (eager on a CPU in bf16 up to {EAGER_MAX_TOKENS_CPU_BF16} tokens)", met=None,
+        notes="eager_speedup = sdpa time / eager time; > 1: eager is faster",
     )
 
 
@@ -622,6 +651,7 @@ def main(argv=None) -> int:
         ("step_overhead", lambda: bench_step_overhead(s, build_processor(32), "demo", "demo base")),
         ("mfu_fp32", lambda: bench_mfu(s, processor, shape, "fp32", matmul_n)),
         ("mfu_bf16", lambda: bench_mfu(s, processor, shape, "bf16", matmul_n)),
+        ("attention_kernels", lambda: bench_attention_kernels((17, 50) if mode == "tiny" else (50, 77, 197, 257), s["steps"])),
         ("memory", lambda: bench_memory(s, shape)),
         ("gradcache_memory", lambda: bench_gradcache_memory(s, shape)),
         ("data_pipeline", lambda: bench_data_pipeline(s, model_rate, SHAPES[shape][5])),
