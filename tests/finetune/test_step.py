@@ -89,3 +89,37 @@ def test_accumulated_gradients_equal_the_mean_of_micro_batch_gradients(adapted):
         assert moved == len(params)  # every LoRA tensor and the logit scale got gradient
     finally:
         AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.2])
+def test_fused_adamw_takes_the_per_tensor_loops_steps_within_rounding(weight_decay):
+    from finetune.step import build_adamw
+
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(shape, generator=g) for shape in ((64, 8), (8, 64), (32,), ())]
+    params = {}
+    for name, optimizer_of in {
+        "toolkit": lambda ps: build_adamw(ps, lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=weight_decay, mixed_precision="bf16"),
+        "loop": lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=weight_decay, foreach=False),
+    }.items():
+        ps = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = optimizer_of(ps)
+        grads = torch.Generator().manual_seed(1)
+        for _ in range(25):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=grads)
+            optimizer.step()
+        params[name] = ps
+    assert params["toolkit"][0] is not None and build_adamw(
+        [torch.nn.Parameter(torch.zeros(2))], lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0, mixed_precision="no"
+    ).param_groups[0]["fused"]
+    for a, b, s in zip(params["toolkit"], params["loop"], start):
+        assert (a - s).abs().max() > 1e-2  # moved ...
+        assert torch.allclose(a, b, rtol=0, atol=2e-6), (a - b).abs().max()  # ... to the loop's values, within float32 rounding
+
+
+def test_fp16_keeps_the_unfused_step_that_loss_scaling_can_skip():
+    from finetune.step import build_adamw
+
+    optimizer = build_adamw([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0, mixed_precision="fp16")
+    assert not optimizer.param_groups[0]["fused"]
