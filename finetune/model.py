@@ -128,6 +128,16 @@ def set_attention(model: nn.Module, per_tower: dict[str, str]) -> None:
     unwrap(model).set_attn_implementation({f"{tower}_config": impl for tower, impl in per_tower.items()})
 
 
+def apply_attention(
+    model: nn.Module, requested: str, *, on_cpu: bool, mixed_precision: str, image_size: int | None, max_text_length: int
+) -> tuple[dict[str, str], dict[str, int]]:
+    """Choose (`choose_attention`) and set each tower's kernel for a training run; returns (choice, tokens)."""
+    tokens = tower_tokens(unwrap(model).config, image_size=image_size, max_text_length=max_text_length)
+    attention = choose_attention(requested, on_cpu=on_cpu, mixed_precision=mixed_precision, tokens=tokens)
+    set_attention(model, attention)
+    return attention, tokens
+
+
 def set_image_size(processor, image_size: int | None) -> None:
     """Resize + centre-crop to `image_size` pixels (data.image_size) instead of the checkpoint's size.
 

@@ -70,14 +70,12 @@ from finetune.model import (  # noqa: E402
     ModelLoadError,
     TowerLora,
     add_lora,
-    choose_attention,
+    apply_attention,
     load_model,
     load_model_config,
     lora_gradient_report,
     save_adapter,
-    set_attention,
     set_image_size,
-    tower_tokens,
     trainable_parameters_by_tower,
 )
 from finetune.quantize import bnb_quantization_config, full_precision_modules, prepare_quantized_for_training  # noqa: E402
@@ -289,11 +287,10 @@ def build_base_model(cfg: RecipeConfig, accelerator: Accelerator, max_text_lengt
     else:
         set_seed(cfg.train.seed)  # the new text projection's initialisation
         model, processor = build_text_tower_swap(cfg.model.name_or_path, cfg.model.text_tower, cfg.model.revision, cfg.model.trust_remote_code)
-    tokens = tower_tokens(model.config, image_size=cfg.data.image_size, max_text_length=max_text_length)
-    attention = choose_attention(
-        cfg.model.attn_implementation, on_cpu=accelerator.device.type == "cpu", mixed_precision=accelerator.mixed_precision, tokens=tokens
+    attention, tokens = apply_attention(
+        model, cfg.model.attn_implementation, on_cpu=accelerator.device.type == "cpu",
+        mixed_precision=accelerator.mixed_precision, image_size=cfg.data.image_size, max_text_length=max_text_length,
     )
-    set_attention(model, attention)
     if attention != {tower: "sdpa" for tower in tokens}:
         accelerator.print("Attention: " + ", ".join(f"{t} {attention[t]} ({tokens[t]} tokens)" for t in tokens)
                           + f" (model.attn_implementation={cfg.model.attn_implementation})")

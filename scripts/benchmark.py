@@ -178,14 +178,12 @@ def toolkit_step_fn(model, batch, precision: str):
     from finetune.losses import ClipInfoNCE
     from finetune.step import build_adamw, plain_step
 
-    from finetune.model import choose_attention, set_attention, tower_tokens
-    from finetune.towers import unwrap
+    from finetune.model import apply_attention
 
     AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
-    config = unwrap(model).config  # attention kernels as `finetune/train.py` sets them (model.attn_implementation: auto)
-    tokens = tower_tokens(config, image_size=None, max_text_length=config.text_config.max_position_embeddings)
-    set_attention(model, choose_attention("auto", on_cpu=accelerator.device.type == "cpu", mixed_precision=precision, tokens=tokens))
+    # Attention kernels as `finetune/train.py` sets them (model.attn_implementation: auto, captions up to 77 tokens).
+    apply_attention(model, "auto", on_cpu=accelerator.device.type == "cpu", mixed_precision=precision, image_size=None, max_text_length=77)
     params = [p for p in model.parameters() if p.requires_grad]
     adamw = build_adamw(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, mixed_precision=precision)  # torch's defaults
     prepared, optimizer = accelerator.prepare(model, adamw)
