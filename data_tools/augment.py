@@ -169,7 +169,6 @@ def import_kernels() -> None:
     import kornia.geometry.transform  # noqa: F401
 
 
-
 def resized_crop(image: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
     """(3, H, W) -> the box's pixels resized back to (3, H, W); the whole image comes back untouched."""
     _, height, width = image.shape

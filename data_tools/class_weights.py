@@ -6,7 +6,7 @@
 n_c counts the rows (image-caption pairs) of class c. The weights are scaled so that the mean weight
 over all rows is 1 (sum_c n_c w_c = N): the loss keeps its scale, and the learning rate that suited
 unweighted InfoNCE still suits the weighted one. The loss applies w of each pair's class to that
-pair's two InfoNCE terms (finetune/losses.py).
+pair's two InfoNCE terms (finetune/training/losses.py).
 """
 
 from __future__ import annotations

@@ -81,8 +81,14 @@ def _percentiles(values: list[int]) -> dict[str, float]:
     if not values:
         return {}
     arr = np.asarray(values)
-    return {"min": int(arr.min()), "p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)),
-            "p99": float(np.percentile(arr, 99)), "max": int(arr.max()), "mean": float(arr.mean())}
+    return {
+        "min": int(arr.min()),
+        "p50": float(np.percentile(arr, 50)),
+        "p90": float(np.percentile(arr, 90)),
+        "p99": float(np.percentile(arr, 99)),
+        "max": int(arr.max()),
+        "mean": float(arr.mean()),
+    }
 
 
 def inspect_pairs(
@@ -165,7 +171,7 @@ def group_thresholds(counts: dict[str, int], groups: dict[str, str]) -> str:
         members = [counts[c] for c, g in groups.items() if g == group]
         if members:
             parts.append(f"{group}: {len(members)} classes with {min(members)}-{max(members)} images")
-    return ("by frequency rank: the most frequent third of the classes is head, the least frequent third tail; " + "; ".join(parts))
+    return "by frequency rank: the most frequent third of the classes is head, the least frequent third tail; " + "; ".join(parts)
 
 
 def leakage(train_hashes: Iterable[dict[str, list[int]]], eval_hashes: dict[str, list[int]]) -> int:
@@ -184,13 +190,17 @@ def format_report(key: str, report: dict) -> str:
         f"captions per image {cpi.get('min')}-{cpi.get('max')} (mean {cpi.get('mean', 0):.2f})",
         f"  caption tokens: p50 {tok.get('p50', 0):.0f}, p90 {tok.get('p90', 0):.0f}, max {tok.get('max')}; "
         f"{report['captions_over_limit']} over the limit of {report['max_text_length']}",
-        f"  empty captions: {report['empty_captions']}" + (f" (rows {report['empty_captions_first_rows']})" if report["empty_captions"] else ""),
+        f"  empty captions: {report['empty_captions']}"
+        + (f" (rows {report['empty_captions_first_rows']})" if report["empty_captions"] else ""),
     ]
     bad = [f"{kind} {v['count']}" + (f" (rows {v['first_rows']})" if v["count"] else "") for kind, v in report["images"].items()]
     mode = "decoded" if report["decoded"] else "header-checked, not decoded (--decode to decode)"
     lines.append(f"  images {mode}: " + ", ".join(bad))
     dup = report["duplicate_images"]
-    lines.append(f"  exact duplicate images: {dup['groups']} groups, {dup['images_in_groups']} images" + (f" (rows {dup['first_groups_rows']})" if dup["groups"] else ""))
+    lines.append(
+        f"  exact duplicate images: {dup['groups']} groups, {dup['images_in_groups']} images"
+        + (f" (rows {dup['first_groups_rows']})" if dup["groups"] else "")
+    )
     if "leaked_from_train" in report:
         lines.append(f"  leakage: {report['leaked_from_train']} images also in the training data (exact content)")
     if "classes" in report:

@@ -37,10 +37,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from PIL import Image, UnidentifiedImageError
 
 from data_tools.multilingual import generate_synthetic
-
-
-class DataLoadError(RuntimeError):
-    """A dataset could not be loaded or does not have the configured columns."""
+from finetune.errors import DataLoadError
 
 
 def is_hub_lookup(name_or_path: str | None, data_files=None) -> bool:
@@ -147,10 +144,20 @@ def load_image_text_dataset(
     with quiet_datasets(enabled=not from_hub):
         raw, where = _load_raw(key, path, name, revision, data_files, split, synthetic, image_column)
         return _normalize(
-            raw, key=key, where=where, image_column=image_column, caption_column=caption_column,
-            image_id_column=image_id_column, label_column=label_column, max_samples=max_samples,
-            caption_templates=caption_templates if caption_column is None else None, label_names=label_names,
-            template_seed=template_seed, split_fraction=split_fraction, split_part=split_part, split_seed=split_seed,
+            raw,
+            key=key,
+            where=where,
+            image_column=image_column,
+            caption_column=caption_column,
+            image_id_column=image_id_column,
+            label_column=label_column,
+            max_samples=max_samples,
+            caption_templates=caption_templates if caption_column is None else None,
+            label_names=label_names,
+            template_seed=template_seed,
+            split_fraction=split_fraction,
+            split_part=split_part,
+            split_seed=split_seed,
             report=report,
         )
 
@@ -171,7 +178,12 @@ def _load_raw(
             ),
         )
         return raw, f"synthetic {synthetic['domain']} domain"
-    from data_tools.formats import PathColumnError, resolve_image_paths, table_base_dir, table_file
+    from data_tools.formats import (
+        PathColumnError,
+        resolve_image_paths,
+        table_base_dir,
+        table_file,
+    )
 
     where = f"{path!r} (split {split!r})"
     builder, files = table_file(path, data_files)  # a bare `data.csv` loads through the csv builder
@@ -282,6 +294,7 @@ def _normalize(
     if caption_column is None:
         features["caption_choices"] = datasets.List(datasets.Value("string"))
     if report is not None and caption_column is not None:
+
         def has_text(c) -> bool:
             return (isinstance(c, str) and bool(c.strip())) or (isinstance(c, list) and any(isinstance(x, str) and x.strip() for x in c))
 

@@ -1,7 +1,7 @@
 """Offline cross-modal hard-negative mining with false-negative guards, and the batch sampler that puts
 each anchor's mined negatives in its global batch.
 
-Everything here takes plain arguments (embeddings, ids, labels, hashes, texts); `finetune/mine.py`
+Everything here takes plain arguments (embeddings, ids, labels, hashes, texts); `finetune/training/mining.py`
 embeds the training set with the current model and calls it.
 
 Identifiers. An anchor is a training pair, named by its **pair row** (the row of the training set's
@@ -181,9 +181,7 @@ def mine_hard_negatives(
         in_window = rank >= settings.rank_min
         image_cos = np.empty(cand.shape, dtype=np.float32)  # (A, K) candidate image vs anchor image, in chunks of anchors
         for s in range(0, len(cand), 2048):
-            image_cos[s : s + 2048] = np.einsum(
-                "qkd,qd->qk", image_emb[cand_image[s : s + 2048]], image_emb[anchor_image[s : s + 2048, 0]]
-            )
+            image_cos[s : s + 2048] = np.einsum("qkd,qd->qk", image_emb[cand_image[s : s + 2048]], image_emb[anchor_image[s : s + 2048, 0]])
         guard_hits = {
             "same_image": cand_image == anchor_image,
             "same_label": (label_code[cand_image] == label_code[anchor_image]) & (label_code[anchor_image] >= 0),
@@ -217,16 +215,18 @@ def mine_hard_negatives(
         q_idx, k_idx = np.nonzero(keep)  # row-major: anchors in order, negatives in rank order
         neg_image = cand_image[q_idx, k_idx]
         anchor_caption = anchors[q_idx]
-        parts.append({
-            "anchor_row": pair_rows[anchor_caption],
-            "anchor_image_id": np.asarray([image_ids[i] for i in text_to_image[anchor_caption]], dtype=object),
-            "negative_row": first_row[neg_image] if direction == "t2i" else pair_rows[cand[q_idx, k_idx]],
-            "negative_image_id": np.asarray([image_ids[i] for i in neg_image], dtype=object),
-            "direction": np.asarray([direction] * len(q_idx), dtype=object),
-            "score": scores[q_idx, k_idx].astype(np.float32),
-            "positive_score": positive[anchor_caption].astype(np.float32),
-            "rank": rank[q_idx, k_idx].astype(np.int64),
-        })
+        parts.append(
+            {
+                "anchor_row": pair_rows[anchor_caption],
+                "anchor_image_id": np.asarray([image_ids[i] for i in text_to_image[anchor_caption]], dtype=object),
+                "negative_row": first_row[neg_image] if direction == "t2i" else pair_rows[cand[q_idx, k_idx]],
+                "negative_image_id": np.asarray([image_ids[i] for i in neg_image], dtype=object),
+                "direction": np.asarray([direction] * len(q_idx), dtype=object),
+                "score": scores[q_idx, k_idx].astype(np.float32),
+                "positive_score": positive[anchor_caption].astype(np.float32),
+                "rank": rank[q_idx, k_idx].astype(np.int64),
+            }
+        )
         random_scores = _random_negative_scores(image_emb, text_emb, text_to_image, anchors, direction, settings)
         mean_score[direction] = {
             "mined": float(scores[q_idx, k_idx].mean()) if len(q_idx) else float("nan"),
@@ -260,14 +260,23 @@ def _random_negative_scores(image_emb, text_emb, text_to_image, anchors, directi
     return scores[ok]
 
 
+def _score(value: float) -> str:
+    """A mean over no negatives is not a number: say "none kept" instead of printing nan."""
+    return "none kept" if value != value else f"{value:.4f}"
+
+
 def format_guard_counts(counts: dict[str, dict[str, int]], mean_score: dict[str, dict[str, float]] | None = None) -> str:
     """The guard counts as a markdown table: one row per guard (in the order they apply), one column per direction."""
     directions = list(counts)
     head = "| step | " + " | ".join(directions) + " | total |"
     lines = [head, "|:--" + "|--:" * (len(directions) + 1) + "|"]
     for key in ("anchors", "candidates", *GUARDS, "margin", "eligible", "kept"):
-        label = {"candidates": "candidates in rank window", "eligible": "eligible after guards + margins",
-                 "kept": "kept (negatives_per_anchor)", "margin": "below margins (removed)"}.get(key, key)
+        label = {
+            "candidates": "candidates in rank window",
+            "eligible": "eligible after guards + margins",
+            "kept": "kept (negatives_per_anchor)",
+            "margin": "below margins (removed)",
+        }.get(key, key)
         if key in GUARDS:
             label = f"guard: {key}"
         values = [counts[d][key] for d in directions]
@@ -275,9 +284,7 @@ def format_guard_counts(counts: dict[str, dict[str, int]], mean_score: dict[str,
         lines.append(f"| {label} | " + " | ".join(str(v) for v in values) + f" | {total} |")
     if mean_score:
         for kind in ("mined", "random"):
-            lines.append(
-                f"| mean score, {kind} negatives | " + " | ".join(f"{mean_score[d][kind]:.4f}" for d in directions) + " | |"
-            )
+            lines.append(f"| mean score, {kind} negatives | " + " | ".join(_score(mean_score[d][kind]) for d in directions) + " | |")
     return "\n".join(lines)
 
 
@@ -403,7 +410,9 @@ class MinedNegativeSampler(EpochSampler):
     def __init__(self, base: EpochSampler, global_batch: int, per_anchor: int, seed: int):
         super().__init__(seed)
         if per_anchor + 1 > global_batch:
-            raise ValueError(f"an anchor and its {per_anchor} negatives need a global batch of at least {per_anchor + 1}, got {global_batch}")
+            raise ValueError(
+                f"an anchor and its {per_anchor} negatives need a global batch of at least {per_anchor + 1}, got {global_batch}"
+            )
         self.base, self.global_batch, self.per_anchor = base, global_batch, per_anchor
         self.negatives: dict[int, list[int]] = {}
         self.negatives_name: str | None = None

@@ -2,7 +2,7 @@
 text a distillation stage reads, and a small XLM-R-format tokenizer for the offline demo.
 
 The source domain's English captions ("a large red circle in the top left") come from
-`data_tools.synthetic`; this module wraps it and never changes what it generates: an English caption is
+`data_tools.synthetic.domains`; this module wraps it and never changes what it generates: an English caption is
 mapped back to its concept and template (each template names all four attributes, so the map is
 one-to-one) and rendered with the same template in German, Spanish or Chinese. A caption in language L
 of image i is therefore a translation of image i's English caption, word for word in meaning.
@@ -19,7 +19,16 @@ from functools import lru_cache
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data_tools.synthetic import COLORS, POSITIONS, SHAPES, SIZES, SOURCE_TEMPLATES, Sample, generate_domain, sample_concepts
+from data_tools.synthetic.domains import (
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    SOURCE_TEMPLATES,
+    Sample,
+    generate_domain,
+    sample_concepts,
+)
 
 # ISO 639-1 codes of the languages the synthetic source domain is captioned in; zh is a non-Latin script.
 SYNTHETIC_LANGUAGES = ("en", "de", "es", "zh")
@@ -53,9 +62,18 @@ _WORDS = {
         "shape": dict(zip(SHAPES, ["círculo", "cuadrado", "triángulo", "cruz", "anillo", "rombo", "barra", "estrella"])),
         "color": dict(zip(COLORS, ["rojo", "verde", "azul", "amarillo", "morado", "naranja"])),
         "size": dict(zip(SIZES, ["pequeño", "grande"])),
-        "position": dict(zip(POSITIONS, [
-            "arriba a la izquierda", "arriba a la derecha", "abajo a la izquierda", "abajo a la derecha", "en el centro",
-        ])),
+        "position": dict(
+            zip(
+                POSITIONS,
+                [
+                    "arriba a la izquierda",
+                    "arriba a la derecha",
+                    "abajo a la izquierda",
+                    "abajo a la derecha",
+                    "en el centro",
+                ],
+            )
+        ),
     },
     "zh": {
         "shape": dict(zip(SHAPES, ["圆形", "正方形", "三角形", "十字形", "圆环", "菱形", "长条", "星形"])),
@@ -78,8 +96,10 @@ def caption_in(sample: Sample, template: int, language: str) -> str:
         return sample.caption("source", template)
     words = _WORDS[language]
     return _TEMPLATES[language][template % len(SOURCE_TEMPLATES)].format(
-        shape=words["shape"][sample.shape], color=words["color"][sample.color],
-        size=words["size"][sample.size], position=words["position"][sample.position],
+        shape=words["shape"][sample.shape],
+        color=words["color"][sample.color],
+        size=words["size"][sample.size],
+        position=words["position"][sample.position],
     )
 
 
@@ -103,12 +123,16 @@ def translate_source_caption(caption: str, language: str) -> str:
     try:
         sample, template = _english_index()[caption]
     except KeyError:
-        raise ValueError(f"not a source-domain caption of data_tools.synthetic: {caption!r}") from None
+        raise ValueError(f"not a source-domain caption of data_tools.synthetic.domains: {caption!r}") from None
     return caption_in(sample, template, language)
 
 
 def generate_synthetic(
-    domain: str, num_images: int, captions_per_image: int = 1, image_size: int = 32, seed: int = 0,
+    domain: str,
+    num_images: int,
+    captions_per_image: int = 1,
+    image_size: int = 32,
+    seed: int = 0,
     languages: list[str] | tuple[str, ...] | None = None,
 ) -> dict[str, list]:
     """`generate_domain`'s columns with each image's captions in every language of `languages`.
@@ -124,9 +148,7 @@ def generate_synthetic(
     check_languages(languages)
     if domain != "source":
         raise ValueError(f"captions in {languages} exist for the source domain only, got domain {domain!r}")
-    columns["caption"] = [
-        [translate_source_caption(c, lang) for lang in languages for c in captions] for captions in columns["caption"]
-    ]
+    columns["caption"] = [[translate_source_caption(c, lang) for lang in languages for c in captions] for captions in columns["caption"]]
     return columns
 
 
@@ -172,7 +194,10 @@ def train_xlmr_tokenizer(texts: list[str], vocab_size: int, max_length: int):
     )
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=XLMR_SPECIAL_TOKENS, unk_token="<unk>", show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=XLMR_SPECIAL_TOKENS,
+        unk_token="<unk>",
+        show_progress=False,
     )
     backend.train_from_iterator(texts, trainer)
     vocab = [(piece, float(score)) for piece, score in json.loads(backend.to_str())["model"]["vocab"]]
@@ -185,8 +210,17 @@ def train_xlmr_tokenizer(texts: list[str], vocab_size: int, max_length: int):
 
 
 def load_parallel_text(
-    key: str, *, path: str | None, name: str | None, revision: str | None, data_files, split: str,
-    english_column: str, text_columns: list[str], include_english: bool, max_samples: int | None,
+    key: str,
+    *,
+    path: str | None,
+    name: str | None,
+    revision: str | None,
+    data_files,
+    split: str,
+    english_column: str,
+    text_columns: list[str],
+    include_english: bool,
+    max_samples: int | None,
     synthetic: dict | None,
 ) -> tuple[list[str], list[str]]:
     """(student inputs, their English captions): one pair per translation (and per English caption when
@@ -197,7 +231,8 @@ def load_parallel_text(
     """
     import datasets
 
-    from data_tools.loading import DataLoadError, offline_note
+    from data_tools.loading import offline_note
+    from finetune.errors import DataLoadError
 
     if synthetic is not None:
         columns = parallel_text_rows(synthetic["num_samples"], synthetic["seed"], synthetic["languages"], synthetic["domain"])
@@ -214,9 +249,7 @@ def load_parallel_text(
         columns = None
     missing = [(k, c) for k, c in [("english_column", english_column), *(("text_columns", c) for c in text_columns)] if c not in available]
     if missing:
-        raise DataLoadError(
-            "; ".join(f"{key}.{k}: no column {c!r} in {where}" for k, c in missing) + f"; columns: {', '.join(available)}"
-        )
+        raise DataLoadError("; ".join(f"{key}.{k}: no column {c!r} in {where}" for k, c in missing) + f"; columns: {', '.join(available)}")
     if columns is None:
         rows = table if max_samples is None else table.select(range(min(max_samples, len(table))))
         columns = {c: rows[c] for c in dict.fromkeys([english_column, *text_columns])}

@@ -11,17 +11,12 @@ Measured in `scripts/benchmark.py` (the `data_pipeline` entry) against the model
 from __future__ import annotations
 
 import io
-import os
 
 import datasets
 import numpy as np
 from PIL import Image
 
 from data_tools.loading import decode_image
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_num_workers(cores: int, local_processes: int, *, cap: int = 8) -> int:
@@ -67,6 +62,10 @@ def cache_preprocessed_images(pairs: datasets.Dataset, image_processor, *, num_p
     features = pairs.features.copy()
     features["image"] = datasets.Image(decode=False)
     return pairs.cast(features).map(
-        resize, batched=True, batch_size=64, features=features, num_proc=num_proc,
+        resize,
+        batched=True,
+        batch_size=64,
+        features=features,
+        num_proc=num_proc,
         desc=f"data.cache_preprocessed: resizing images to {processor_target_size(image_processor)} px once",
     )

@@ -5,7 +5,7 @@ Every template is filled with the label's words (`label_names` maps raw labels s
 unmapped labels stay as they are). A loaded row keeps all filled templates (`caption_choices`);
 training draws one per sample per epoch with `pick_template(seed, epoch, source_row)`, a pure
 function, so the captions an epoch sees are the same after a resume. The same templates are the class
-prompts of label-aware evaluation (finetune/evaluate.py: a mean of normalised template embeddings).
+prompts of label-aware evaluation (finetune/evaluation/evaluate.py: a mean of normalised template embeddings).
 """
 
 from __future__ import annotations

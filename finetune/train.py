@@ -21,10 +21,8 @@ import time
 from functools import partial
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python finetune/train.py` / `accelerate launch finetune/train.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from finetune.quiet import quiet_third_party_notices
+from finetune.timing import available_cores
 
 quiet_third_party_notices()  # before peft imports bitsandbytes
 
@@ -35,11 +33,59 @@ from torch.utils.data import DataLoader  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import get_scheduler  # noqa: E402
 
-from data_tools.loading import DataLoadError, RetrievalSet, load_image_text_dataset  # noqa: E402
-from data_tools.pipeline import available_cores, cache_preprocessed_images, default_num_workers, processor_target_size  # noqa: E402
-from finetune.card import write_model_card  # noqa: E402
-from finetune.checkpoint import (  # noqa: E402
+from data_tools.collate import (  # noqa: E402
+    ImageTextCollator,
+    count_truncated_captions,
+    format_truncation_warning,
+)
+from data_tools.loading import RetrievalSet, load_image_text_dataset  # noqa: E402
+from data_tools.pipeline import (  # noqa: E402
+    cache_preprocessed_images,
+    default_num_workers,
+    processor_target_size,
+)
+from finetune.config.load import load_config, save_config  # noqa: E402
+from finetune.config.schema import LoraTowerConfig, RecipeConfig
+from finetune.config.specs import (  # noqa: E402
+    dataset_arguments,
+    dataset_specs,
+    eval_set_name,
+    resolve_max_text_length,
+)
+from finetune.errors import (  # noqa: E402
+    ConfigError,
+    DomainClipError,
     ResumeError,
+    TrainingError,
+    TrainingInterrupted,
+)
+from finetune.evaluation.card import write_model_card  # noqa: E402
+from finetune.evaluation.evaluate import evaluate_retrieval  # noqa: E402
+from finetune.evaluation.metrics import duplicate_caption_texts  # noqa: E402
+from finetune.evaluation.report import (
+    describe_duplicate_captions,
+    format_language_table,
+    format_results_table,
+    write_results,
+)
+from finetune.io import atomic_write_text  # noqa: E402
+from finetune.models.adapter import save_adapter
+from finetune.models.attention import apply_attention
+from finetune.models.load import load_model, load_model_config, set_image_size
+from finetune.models.lora import (
+    TowerLora,
+    add_lora,
+    lora_gradient_report,
+    trainable_parameters_by_tower,
+)
+from finetune.models.qlora import (  # noqa: E402
+    bnb_quantization_config,
+    full_precision_modules,
+    prepare_quantized_for_training,
+)
+from finetune.models.text_swap import build_text_tower_swap
+from finetune.models.towers import embedding_dim, logit_scale  # noqa: E402
+from finetune.training.checkpoint import (
     TrainerState,
     check_resumable,
     latest_checkpoint,
@@ -48,12 +94,17 @@ from finetune.checkpoint import (  # noqa: E402
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from finetune.collate import ImageTextCollator, count_truncated_captions, format_truncation_warning  # noqa: E402
-from finetune.config import ConfigError, DatasetSpec, LoraTowerConfig, RecipeConfig, load_config, save_config  # noqa: E402
-from finetune.distill import REFERENCE, DistillError, text_swap_stages  # noqa: E402
-from finetune.evaluate import evaluate_retrieval  # noqa: E402
-from finetune.io import atomic_write_text  # noqa: E402
-from finetune.losses import (  # noqa: E402
+from finetune.training.data import (
+    TrainingSet,
+    augmented_loader_parts,
+    build_augmentation,
+    build_class_weights,
+    build_sampler,
+    build_training_set,
+    training_dataset,
+)
+from finetune.training.distill import REFERENCE, text_swap_stages
+from finetune.training.losses import (
     ClipInfoNCE,
     CompositeLoss,
     HardnessWeightedInfoNCE,
@@ -63,44 +114,8 @@ from finetune.losses import (  # noqa: E402
     SemiHardTriplet,
     SigLIPLoss,
 )
-from finetune.metrics import duplicate_caption_texts  # noqa: E402
-from finetune.mine import Miner, build_mined_sampler  # noqa: E402
-from finetune.model import (  # noqa: E402
-    LoraSetupError,
-    ModelLoadError,
-    TowerLora,
-    add_lora,
-    apply_attention,
-    load_model,
-    load_model_config,
-    lora_gradient_report,
-    save_adapter,
-    set_image_size,
-    trainable_parameters_by_tower,
-)
-from finetune.quantize import bnb_quantization_config, full_precision_modules, prepare_quantized_for_training  # noqa: E402
-from finetune.report import describe_duplicate_captions, format_language_table, format_results_table, write_results  # noqa: E402
-from finetune.step import build_adamw, cached_contrastive_step, plain_step  # noqa: E402
-from finetune.train_data import (  # noqa: E402
-    TrainingSet,
-    augmented_loader_parts,
-    build_augmentation,
-    build_class_weights,
-    build_sampler,
-    build_training_set,
-    training_dataset,
-)
-from finetune.text_swap import TextSwapError, build_text_tower_swap, text_swap_config  # noqa: E402
-from finetune.towers import embedding_dim, logit_scale, model_layout  # noqa: E402
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, adapters receiving no gradient, no readable data)."""
-
-
-# The toolkit's own errors end the run with one clear line; anything else keeps its traceback.
-TOOLKIT_ERRORS = (ConfigError, ModelLoadError, LoraSetupError, DataLoadError, TrainingError, ResumeError, TextSwapError, DistillError)
-
+from finetune.training.mining import Miner, build_mined_sampler  # noqa: E402
+from finetune.training.step import build_adamw, cached_contrastive_step, plain_step  # noqa: E402
 
 # ----------------------------------------------------------------------------- entry point
 
@@ -116,23 +131,36 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return run(load_config(args.recipe, args.overrides))
-    except TOOLKIT_ERRORS as exc:
+    except TrainingInterrupted as exc:  # Ctrl-C in the loop: where it stopped and how to go on, no traceback
+        resume = " ".join(["domainclip train", args.recipe, *args.overrides, "train.resume_from=latest"])
+        print(f"\n{exc}. Resume with: {resume}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted before the first training step: nothing to resume", file=sys.stderr)
+        return 130
+    except DomainClipError as exc:  # the toolkit's own errors: one clear line; anything else keeps its traceback
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
 
 
 def run(cfg: RecipeConfig) -> int:
     accelerator = build_accelerator(cfg)
-    max_text_length = check_recipe_against_model(cfg)  # config.json only: recipe errors before any work
+    max_text_length = resolve_max_text_length(cfg)  # config.json only: recipe errors before any work
     out = Path(cfg.train.output_dir)
     checkpoint = prepare_output_dir(cfg, out, accelerator)
     model, processor = build_base_model(cfg, accelerator, max_text_length)
     set_image_size(processor, cfg.data.image_size)
     train_pairs, eval_sets = build_datasets(cfg, processor.tokenizer, max_text_length, accelerator)
     evaluate = partial(
-        evaluate_retrieval, processor=processor, batch_size=cfg.eval.batch_size, max_text_length=max_text_length,
-        ks=tuple(cfg.eval.ks), num_workers=loader_workers(cfg, accelerator), accelerator=accelerator,
-        class_prompts=class_prompts(cfg), class_counts=train_pairs.class_counts(),
+        evaluate_retrieval,
+        processor=processor,
+        batch_size=cfg.eval.batch_size,
+        max_text_length=max_text_length,
+        ks=tuple(cfg.eval.ks),
+        num_workers=loader_workers(cfg, accelerator),
+        accelerator=accelerator,
+        class_prompts=class_prompts(cfg),
+        class_counts=train_pairs.class_counts(),
     )
     results = {"zero_shot": zero_shot_results(model, evaluate, eval_sets, out, checkpoint, accelerator)} if cfg.eval.zero_shot else {}
     if cfg.model.text_tower is not None:  # swapped text tower: original CLIP's English score, stage 1, saved base
@@ -153,15 +181,37 @@ def run(cfg: RecipeConfig) -> int:
     if miner is not None:
         miner.start(accelerator.unwrap_model(model), state)  # step 0's negatives (a resumed run has its files)
 
-    state = train_loop(
-        cfg, accelerator, model, step, loss_fn, optimizer, scheduler, train_loader, sampler, state, max_steps,
-        evaluate=partial(evaluate, sets=dict([next(iter(eval_sets.items()))])), out=out,  # target (or the first language)
-        miner=miner,
-    )
+    try:
+        state = train_loop(
+            cfg,
+            accelerator,
+            model,
+            step,
+            loss_fn,
+            optimizer,
+            scheduler,
+            train_loader,
+            sampler,
+            state,
+            max_steps,
+            evaluate=partial(evaluate, sets=dict([next(iter(eval_sets.items()))])),
+            out=out,  # target (or the first language)
+            miner=miner,
+        )
+    except KeyboardInterrupt:  # the state object holds the step reached; the last complete checkpoint is on disk
+        raise TrainingInterrupted(state.step, latest_checkpoint(out / "checkpoints")) from None
 
     results["adapted"], skipped_eval = evaluate(accelerator.unwrap_model(model), sets=eval_sets, desc="adapted")
     write_artifacts(
-        cfg, accelerator, accelerator.unwrap_model(model), processor, results, state, skipped_eval, eval_sets, out,
+        cfg,
+        accelerator,
+        accelerator.unwrap_model(model),
+        processor,
+        results,
+        state,
+        skipped_eval,
+        eval_sets,
+        out,
         negatives_per_pair=getattr(accelerator.unwrap_model(loss_fn), "negatives_per_pair", lambda: None)(),
     )
     accelerator.wait_for_everyone()
@@ -172,7 +222,9 @@ def run(cfg: RecipeConfig) -> int:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_loop(cfg, accelerator, model, step, loss_fn, optimizer, scheduler, loader, sampler, state, max_steps, *, evaluate, out, miner=None):
+def train_loop(
+    cfg, accelerator, model, step, loss_fn, optimizer, scheduler, loader, sampler, state, max_steps, *, evaluate, out, miner=None
+):
     log_file = out / "train_log.jsonl"
     progress = tqdm(total=max_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process)
     last_saved = state.step if state.step else -1  # a resumed run starts on a saved checkpoint
@@ -219,7 +271,17 @@ def train_loop(cfg, accelerator, model, step, loss_fn, optimizer, scheduler, loa
             if state.step % cfg.train.log_every_steps == 0 and accelerator.is_main_process:
                 scale = float(logit_scale(model).exp().item())
                 extras = getattr(accelerator.unwrap_model(loss_fn), "log_values", dict)()  # e.g. the discriminator's accuracy
-                append_log(log_file, {"step": state.step, "epoch": state.epoch, "lr": lr, **{k: v.item() for k, v in terms.items()}, "logit_scale": scale, **extras})
+                append_log(
+                    log_file,
+                    {
+                        "step": state.step,
+                        "epoch": state.epoch,
+                        "lr": lr,
+                        **{k: v.item() for k, v in terms.items()},
+                        "logit_scale": scale,
+                        **extras,
+                    },
+                )
             if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < max_steps:
                 periodic, _ = evaluate(accelerator.unwrap_model(model), desc=f"step {state.step}")
                 if accelerator.is_main_process:
@@ -261,22 +323,6 @@ def build_accelerator(cfg: RecipeConfig) -> Accelerator:
     return accelerator
 
 
-def check_recipe_against_model(cfg: RecipeConfig) -> int:
-    """The caption token limit, checked against the model's config before weights or data are loaded."""
-    if cfg.model.text_tower is not None:
-        config = text_swap_config(cfg.model.name_or_path, cfg.model.text_tower, cfg.model.revision, cfg.model.trust_remote_code)
-    else:
-        config = load_model_config(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-    limit = model_layout(config).text_position_limit
-    if cfg.data.max_text_length is not None and cfg.data.max_text_length > limit:
-        raise ConfigError(
-            "recipe",
-            [f"data.max_text_length: {cfg.data.max_text_length} is more than the text tower of "
-             f"model.name_or_path={cfg.model.name_or_path} can read ({limit} tokens); use at most {limit}"],
-        )
-    return cfg.data.max_text_length or limit
-
-
 def build_base_model(cfg: RecipeConfig, accelerator: Accelerator, max_text_length: int):
     """The checkpoint the recipe names (quantized for QLoRA when asked), or CLIP with its text tower
     swapped for model.text_tower; each tower's attention kernel set by model.attn_implementation."""
@@ -286,14 +332,23 @@ def build_base_model(cfg: RecipeConfig, accelerator: Accelerator, max_text_lengt
         raise ConfigError("recipe", ["model.quantization: not supported together with model.text_tower (the swapped tower trains in full)"])
     else:
         set_seed(cfg.train.seed)  # the new text projection's initialisation
-        model, processor = build_text_tower_swap(cfg.model.name_or_path, cfg.model.text_tower, cfg.model.revision, cfg.model.trust_remote_code)
+        model, processor = build_text_tower_swap(
+            cfg.model.name_or_path, cfg.model.text_tower, cfg.model.revision, cfg.model.trust_remote_code
+        )
     attention, tokens = apply_attention(
-        model, cfg.model.attn_implementation, on_cpu=accelerator.device.type == "cpu",
-        mixed_precision=accelerator.mixed_precision, image_size=cfg.data.image_size, max_text_length=max_text_length,
+        model,
+        cfg.model.attn_implementation,
+        on_cpu=accelerator.device.type == "cpu",
+        mixed_precision=accelerator.mixed_precision,
+        image_size=cfg.data.image_size,
+        max_text_length=max_text_length,
     )
     if attention != {tower: "sdpa" for tower in tokens}:
-        accelerator.print("Attention: " + ", ".join(f"{t} {attention[t]} ({tokens[t]} tokens)" for t in tokens)
-                          + f" (model.attn_implementation={cfg.model.attn_implementation})")
+        accelerator.print(
+            "Attention: "
+            + ", ".join(f"{t} {attention[t]} ({tokens[t]} tokens)" for t in tokens)
+            + f" (model.attn_implementation={cfg.model.attn_implementation})"
+        )
     return model, processor
 
 
@@ -330,33 +385,14 @@ def prepare_output_dir(cfg: RecipeConfig, out: Path, accelerator: Accelerator) -
     return checkpoint
 
 
-def dataset_arguments(spec: DatasetSpec, seed: int = 0) -> dict:
-    """The dataset spec as the loader's plain arguments, field by field."""
-    return dict(
-        caption_templates=spec.caption_templates, label_names=spec.label_names, template_seed=seed,
-        split_fraction=spec.split_fraction, split_part=spec.split_part, split_seed=spec.split_seed,
-        path=spec.path, name=spec.name, revision=spec.revision, data_files=spec.data_files, split=spec.split,
-        image_column=spec.image_column, caption_column=spec.caption_column, image_id_column=spec.image_id_column,
-        label_column=spec.label_column, max_samples=spec.max_samples,
-        synthetic=spec.synthetic.model_dump() if spec.synthetic is not None else None,
-    )
-
-
 def build_datasets(cfg: RecipeConfig, tokenizer, max_text_length: int, accelerator: Accelerator):
-    specs = {"data.train": cfg.data.train}
-    if cfg.data.eval.target is not None:
-        specs["data.eval.target"] = cfg.data.eval.target
-    if cfg.data.eval.source is not None:
-        specs["data.eval.source"] = cfg.data.eval.source
-    for i, spec in enumerate(cfg.data.replay):
-        specs[f"data.replay.{i}"] = spec
-    for code, spec in (cfg.data.eval.languages or {}).items():  # eval sets named by ISO code
-        specs[f"data.eval.languages.{code}"] = spec
+    specs = dataset_specs(cfg)
     with accelerator.main_process_first():  # the main process fills the datasets cache first
         loaded = {
             key: load_image_text_dataset(
                 # Replay rows are unlabelled: class-aware options are about data.train's classes.
-                key=key, **{**dataset_arguments(spec, cfg.train.seed), **({"label_column": None} if key.startswith("data.replay") else {})},
+                key=key,
+                **{**dataset_arguments(spec, cfg.train.seed), **({"label_column": None} if key.startswith("data.replay") else {})},
             )
             for key, spec in specs.items()
         }
@@ -366,8 +402,10 @@ def build_datasets(cfg: RecipeConfig, tokenizer, max_text_length: int, accelerat
             accelerator.print(format_truncation_warning(key, count, len(pairs), example, max_text_length, tokenizer.model_max_length))
     replay = [loaded.pop(f"data.replay.{i}") for i in range(len(cfg.data.replay))]
     train_pairs = build_training_set(cfg, loaded.pop("data.train"), replay)
-    eval_sets = {key.rsplit(".", 1)[1]: RetrievalSet.from_pairs(pairs) for key, pairs in loaded.items()}
-    replayed = "".join(f" + replay {i}: {size} pairs, {100 * f:g}% of each epoch" for i, (_, size, f) in enumerate(train_pairs.replay_parts))
+    eval_sets = {eval_set_name(key): RetrievalSet.from_pairs(pairs) for key, pairs in loaded.items()}
+    replayed = "".join(
+        f" + replay {i}: {size} pairs, {100 * f:g}% of each epoch" for i, (_, size, f) in enumerate(train_pairs.replay_parts)
+    )
     accelerator.print(
         f"Train: {train_pairs.num_primary} caption-image pairs{replayed}. Eval: "
         + ", ".join(f"{k} {v.num_images} images / {len(v.captions)} captions" for k, v in eval_sets.items())
@@ -380,15 +418,14 @@ def build_datasets(cfg: RecipeConfig, tokenizer, max_text_length: int, accelerat
 def class_prompts(cfg: RecipeConfig) -> dict[str, tuple[list[str], dict[str, str] | None]]:
     """{eval set: (templates, label_names)} for label-aware evaluation; the bare label without templates."""
     sets = {"target": cfg.data.eval.target, "source": cfg.data.eval.source}
-    return {
-        name: (spec.caption_templates or ["{label}"], spec.label_names) for name, spec in sets.items() if spec is not None
-    }
+    return {name: (spec.caption_templates or ["{label}"], spec.label_names) for name, spec in sets.items() if spec is not None}
 
 
 def instance_recall_misleads(eval_sets: dict[str, RetrievalSet]) -> list[str]:
     """Labelled sets where most captions repeat another's text (label-only sets): lead with class-level numbers."""
     return [
-        name for name, rset in eval_sets.items()
+        name
+        for name, rset in eval_sets.items()
         if rset.labels is not None and duplicate_caption_texts(rset.captions)["duplicate_captions"] > len(rset.captions) / 2
     ]
 
@@ -421,7 +458,10 @@ def load_base_model(cfg: RecipeConfig, accelerator: Accelerator):
     """The checkpoint as the recipe says: full precision, or quantized through bitsandbytes (QLoRA)."""
     m = cfg.model
     quantization = bnb_quantization_config(
-        m.quantization, m.quant_type, m.double_quant, m.compute_dtype,
+        m.quantization,
+        m.quant_type,
+        m.double_quant,
+        m.compute_dtype,
         keep_full_precision=full_precision_modules(load_model_config(m.name_or_path, m.revision, m.trust_remote_code)),
     )
     model, processor = load_model(
@@ -435,8 +475,12 @@ def load_base_model(cfg: RecipeConfig, accelerator: Accelerator):
 
 def tower_lora(cfg: LoraTowerConfig) -> TowerLora:
     return TowerLora(
-        enabled=cfg.enabled, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-        target_modules=tuple(cfg.target_modules), layers=tuple(cfg.layers) if cfg.layers is not None else None,
+        enabled=cfg.enabled,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        target_modules=tuple(cfg.target_modules),
+        layers=tuple(cfg.layers) if cfg.layers is not None else None,
     )
 
 
@@ -444,8 +488,11 @@ def build_model(cfg: RecipeConfig, model, accelerator: Accelerator):
     """LoRA on both towers (each with its own settings), optional gradient checkpointing."""
     set_seed(cfg.train.seed)  # adapter init must not depend on what ran before (zero-shot eval draws RNG)
     model = add_lora(
-        model, vision=tower_lora(cfg.lora.vision), text=tower_lora(cfg.lora.text),
-        train_projections=cfg.model.train_projections, train_logit_scale=cfg.model.train_logit_scale,
+        model,
+        vision=tower_lora(cfg.lora.vision),
+        text=tower_lora(cfg.lora.text),
+        train_projections=cfg.model.train_projections,
+        train_logit_scale=cfg.model.train_logit_scale,
     )
     if cfg.train.enable_gradient_checkpointing:
         base = model.get_base_model()
@@ -461,7 +508,7 @@ def build_model(cfg: RecipeConfig, model, accelerator: Accelerator):
 
 
 def build_loss(cfg: RecipeConfig, train_pairs: TrainingSet, *, embed_dim: int) -> torch.nn.Module:
-    """The recipe's loss.terms as one module returning {term name: weight x value} (finetune/losses.py)."""
+    """The recipe's loss.terms as one module returning {term name: weight x value} (finetune/training/losses.py)."""
     same_label = cfg.loss.same_label_negatives
     class_weights = build_class_weights(cfg, train_pairs)
     max_logit_scale = 100.0  # CLIP's clamp on exp(logit_scale)
@@ -487,13 +534,15 @@ def build_step(cfg: RecipeConfig, accelerator: Accelerator):
     if cfg.train.micro_batch_size is None or cfg.train.micro_batch_size >= cfg.train.batch_size:
         return partial(plain_step, gather=gather, backward=accelerator.backward)
     return partial(
-        cached_contrastive_step, gather=gather, micro_batch_size=cfg.train.micro_batch_size,
+        cached_contrastive_step,
+        gather=gather,
+        micro_batch_size=cfg.train.micro_batch_size,
         backward=accelerator.backward,
     )
 
 
 def build_miner(cfg: RecipeConfig, processor, train_pairs: TrainingSet, max_text_length: int, accelerator: Accelerator, out: Path):
-    """Hard-negative mining hooks for the loop (finetune/mine.py), or None when mining is off."""
+    """Hard-negative mining hooks for the loop (finetune/training/mining.py), or None when mining is off."""
     if not cfg.mining.enabled:
         return None
     return Miner(cfg, processor, train_pairs, max_text_length, loader_workers(cfg, accelerator), accelerator, out, log=accelerator.print)
@@ -575,7 +624,9 @@ def build_optimizer_and_scheduler(cfg: RecipeConfig, model, loss_fn, max_steps: 
     warmup = o.warmup_steps if o.warmup_steps is not None else int(round((o.warmup_ratio or 0.0) * max_steps))
     scheduler = get_scheduler(
         o.scheduler if o.scheduler != "constant" else "constant_with_warmup",
-        optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=max_steps,
+        optimizer=optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=max_steps,
     )
     # Not through prepare(): that would step the schedule once per process. Saved with the state.
     accelerator.register_for_checkpointing(scheduler)
@@ -652,7 +703,15 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 def write_artifacts(
-    cfg, accelerator, model, processor, results, state: TrainerState, skipped_eval, eval_sets, out: Path,
+    cfg,
+    accelerator,
+    model,
+    processor,
+    results,
+    state: TrainerState,
+    skipped_eval,
+    eval_sets,
+    out: Path,
     negatives_per_pair: float | None = None,
 ) -> None:
     """Adapter + processor (+ extra trained tensors), results JSON/markdown/PNG, model cards."""
@@ -675,11 +734,17 @@ def write_artifacts(
         accelerator.print(f"Skipped {state.skipped_batches} training batches left with fewer than two readable images on some process")
     for card in (out / "README.md", adapter_dir / "README.md"):  # the adapter folder travels alone
         write_model_card(
-            card, cfg=cfg, results_table=table, trainable=trainable_parameters_by_tower(model), steps=state.step,
-            train_seconds=state.train_seconds, num_processes=accelerator.num_processes, set_notes=notes,
+            card,
+            cfg=cfg,
+            results_table=table,
+            trainable=trainable_parameters_by_tower(model),
+            steps=state.step,
+            train_seconds=state.train_seconds,
+            num_processes=accelerator.num_processes,
+            set_notes=notes,
             negatives_per_pair=negatives_per_pair,
         )
-    accelerator.print(f"Adapter: {adapter_dir}  (load with finetune.model.load_adapted({str(out)!r}) or plain PEFT)")
+    accelerator.print(f"Adapter: {adapter_dir}  (load with finetune.models.adapter.load_adapted({str(out)!r}) or plain PEFT)")
 
 
 # ----------------------------------------------------------------------------- processes and threads

@@ -19,9 +19,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from finetune.io import atomic_open, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,11 +72,19 @@ def _cell(value, signed: bool = False) -> str:
 
 def replay_rows(runs: dict[str, dict]) -> list[dict]:
     zero = runs["uniform"]["zero_shot"]
-    rows = [{"model": "zero-shot", "target_t2i_R@1": _get(zero, "target", "t2i", "R@1"), "source_t2i_R@1": _get(zero, "source", "t2i", "R@1")}]
+    rows = [
+        {"model": "zero-shot", "target_t2i_R@1": _get(zero, "target", "t2i", "R@1"), "source_t2i_R@1": _get(zero, "source", "t2i", "R@1")}
+    ]
     for name, label in (("uniform", "replay 0%"), ("replay10", "replay 10%"), ("replay25", "replay 25%")):
         if name in runs:
             adapted = runs[name]["adapted"]
-            rows.append({"model": label, "target_t2i_R@1": _get(adapted, "target", "t2i", "R@1"), "source_t2i_R@1": _get(adapted, "source", "t2i", "R@1")})
+            rows.append(
+                {
+                    "model": label,
+                    "target_t2i_R@1": _get(adapted, "target", "t2i", "R@1"),
+                    "source_t2i_R@1": _get(adapted, "source", "t2i", "R@1"),
+                }
+            )
     for row in rows:
         row["target_gain"] = row["target_t2i_R@1"] - rows[0]["target_t2i_R@1"]
         row["source_retention_%"] = 100.0 * row["source_t2i_R@1"] / rows[0]["source_t2i_R@1"] if rows[0]["source_t2i_R@1"] else None
@@ -162,7 +167,11 @@ def main(argv=None) -> int:
     if args.study in ("longtail", "both"):
         tables["long tail (target)"] = longtail_rows(runs)
     settings = ", ".join([f"{args.steps} steps", *args.set])
-    text = f"# Demo ablations ({settings}; every variant the same)\n\n" + "\n\n".join(f"## {t}\n\n{markdown(r)}" for t, r in tables.items()) + "\n"
+    text = (
+        f"# Demo ablations ({settings}; every variant the same)\n\n"
+        + "\n\n".join(f"## {t}\n\n{markdown(r)}" for t, r in tables.items())
+        + "\n"
+    )
     print(text)
     atomic_write_text(out / "ablation.md", text)
     atomic_write_text(out / "ablation.json", json.dumps(tables, indent=2) + "\n")

@@ -33,9 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from finetune.io import atomic_open, atomic_write_text
 from scripts.ablate_demo import _get, add_study_arguments
 
@@ -123,7 +120,12 @@ def markdown(rows: list[dict]) -> str:
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|---|" + "--:|" * (len(keys) - 1)]
     for r in rows:
-        cells = [r[k] if isinstance(r[k], str) else ("-" if r[k] is None else f"{r[k]:.1f}" if k in ("wall s", "source retention %") else f"{r[k]:.2f}") for k in keys]
+        cells = [
+            r[k]
+            if isinstance(r[k], str)
+            else ("-" if r[k] is None else f"{r[k]:.1f}" if k in ("wall s", "source retention %") else f"{r[k]:.2f}")
+            for k in keys
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -178,7 +180,9 @@ def main(argv=None) -> int:
     )
     print(text)
     atomic_write_text(out / "ablation.md", text)
-    atomic_write_text(out / "ablation.json", json.dumps({"rows": rows, "overrides": {n: VARIANTS[n] for n in args.variants}}, indent=2) + "\n")
+    atomic_write_text(
+        out / "ablation.json", json.dumps({"rows": rows, "overrides": {n: VARIANTS[n] for n in args.variants}}, indent=2) + "\n"
+    )
     save_plot(rows, out / "ablation.png")
     print(f"Wrote {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}")
     return 0

@@ -21,17 +21,15 @@ import argparse
 import io
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from finetune import timing
 from finetune.quiet import quiet_third_party_notices
+from finetune.timing import side_by_side
 
 quiet_third_party_notices()
 
@@ -51,7 +49,9 @@ SHAPES = {
     "tiny": (32, 2, 2, 64, 8, 32, 32, 2, 2, 64, 32),
 }
 SETTINGS = {  # mode -> what each entry runs
-    "full": dict(shape="vit-b32", batch=8, steps=3, micro=2, memory_batch=8, pipeline_images=32, embed_batch=16, faiss=(100_000, 1_000_000)),
+    "full": dict(
+        shape="vit-b32", batch=8, steps=3, micro=2, memory_batch=8, pipeline_images=32, embed_batch=16, faiss=(100_000, 1_000_000)
+    ),
     "quick": dict(shape="vit-b32-2layer", batch=16, steps=4, micro=2, memory_batch=16, pipeline_images=24, embed_batch=32, faiss=()),
     "tiny": dict(shape="tiny", batch=8, steps=2, micro=2, memory_batch=8, pipeline_images=4, embed_batch=8, faiss=()),
 }
@@ -62,21 +62,11 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "mlp.fc1", "mlp.fc2")
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        **timing.machine(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
-        "python": platform.python_version(),
     }
 
 
@@ -100,8 +90,17 @@ def build_clip(shape: str, vocab_size: int, seed: int = 0):
 
     vw, vl, vh, vm, patch, size, tw, tl, th, tm, proj = SHAPES[shape]
     config = CLIPConfig(
-        vision_config=dict(hidden_size=vw, num_hidden_layers=vl, num_attention_heads=vh, intermediate_size=vm, patch_size=patch, image_size=size),
-        text_config=dict(hidden_size=tw, num_hidden_layers=tl, num_attention_heads=th, intermediate_size=tm, vocab_size=vocab_size, max_position_embeddings=77),
+        vision_config=dict(
+            hidden_size=vw, num_hidden_layers=vl, num_attention_heads=vh, intermediate_size=vm, patch_size=patch, image_size=size
+        ),
+        text_config=dict(
+            hidden_size=tw,
+            num_hidden_layers=tl,
+            num_attention_heads=th,
+            intermediate_size=tm,
+            vocab_size=vocab_size,
+            max_position_embeddings=77,
+        ),
         projection_dim=proj,
     )
     torch.manual_seed(seed)
@@ -134,7 +133,7 @@ def encoded_images(n: int, fmt: str, width: int = 640, height: int = 480) -> lis
 
 def collated_batch(processor, n: int, image_size: int) -> dict:
     """A batch from the toolkit's own collator (PNG rows at the model's size)."""
-    from finetune.collate import ImageTextCollator
+    from data_tools.collate import ImageTextCollator
 
     images = encoded_images(n, "PNG", image_size, image_size)
     captions = ["a large red circle in the top left", "two small blue squares", "a green triangle at the bottom"]
@@ -143,8 +142,8 @@ def collated_batch(processor, n: int, image_size: int) -> dict:
 
 
 def add_lora(model):
-    from finetune.model import TowerLora
-    from finetune.model import add_lora as toolkit_add_lora
+    from finetune.models.lora import TowerLora
+    from finetune.models.lora import add_lora as toolkit_add_lora
 
     settings = TowerLora(enabled=True, rank=8, alpha=16.0, dropout=0.0, target_modules=LORA_TARGETS, layers=None)
     return toolkit_add_lora(model, vision=settings, text=settings, train_projections=False, train_logit_scale=False)
@@ -158,16 +157,7 @@ def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
 
     The fastest of several calls, not the median: on a machine shared with other work, slowdowns
     come from the neighbours, and the minimum is the cost of the code itself (timeit's reasoning)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {k: min(v) for k, v in times.items()}
+    return {name: min(times) for name, times in side_by_side(fns, repeats=repeats, warmup=warmup).items()}
 
 
 def toolkit_step_fn(model, batch, precision: str):
@@ -175,10 +165,9 @@ def toolkit_step_fn(model, batch, precision: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from finetune.losses import ClipInfoNCE
-    from finetune.step import build_adamw, plain_step
-
-    from finetune.model import apply_attention
+    from finetune.models.attention import apply_attention
+    from finetune.training.losses import ClipInfoNCE
+    from finetune.training.step import build_adamw, plain_step
 
     AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
@@ -220,10 +209,29 @@ def minimal_step_fn(model, batch, precision: str):
     return step
 
 
-def entry(name: str, *, model: dict | None, batch: int | None, precision: str | None, measured: dict,
-          ratio: float | None, target: str, met: bool | None, notes: str = "") -> dict:
-    return {"name": name, "model": model, "batch": batch, "precision": precision, "measured": measured,
-            "ratio": None if ratio is None else round(ratio, 4), "target": target, "met": met, "notes": notes}
+def entry(
+    name: str,
+    *,
+    model: dict | None,
+    batch: int | None,
+    precision: str | None,
+    measured: dict,
+    ratio: float | None,
+    target: str,
+    met: bool | None,
+    notes: str = "",
+) -> dict:
+    return {
+        "name": name,
+        "model": model,
+        "batch": batch,
+        "precision": precision,
+        "measured": measured,
+        "ratio": None if ratio is None else round(ratio, 4),
+        "target": target,
+        "met": met,
+        "notes": notes,
+    }
 
 
 # ----------------------------------------------------------------------------- entries
@@ -248,10 +256,19 @@ def bench_step_overhead(s: dict, processor, shape: str, label: str) -> tuple[dic
     ratio = times["minimal"] / times["toolkit"]
     images_per_s = s["batch"] / times["toolkit"]
     return entry(
-        f"step_overhead[{label}]", model=shape_dict(shape) if shape in SHAPES else {"name": "demo base"}, batch=s["batch"], precision="fp32",
-        measured={"toolkit_s_per_step": round(times["toolkit"], 5), "minimal_s_per_step": round(times["minimal"], 5), "repeats": repeats,
-                  "toolkit_images_per_s": round(images_per_s, 2)},
-        ratio=ratio, target="minimal/toolkit step time >= 0.97", met=ratio >= 0.97,
+        f"step_overhead[{label}]",
+        model=shape_dict(shape) if shape in SHAPES else {"name": "demo base"},
+        batch=s["batch"],
+        precision="fp32",
+        measured={
+            "toolkit_s_per_step": round(times["toolkit"], 5),
+            "minimal_s_per_step": round(times["minimal"], 5),
+            "repeats": repeats,
+            "toolkit_images_per_s": round(images_per_s, 2),
+        },
+        ratio=ratio,
+        target="minimal/toolkit step time >= 0.97",
+        met=ratio >= 0.97,
     ), images_per_s
 
 
@@ -267,8 +284,15 @@ def matmul_flops_per_s(dtype: torch.dtype, n: int, repeats: int) -> float:
     return 2 * n**3 / seconds
 
 
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
-              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
+MATMUL_OPS = {
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::mkldnn_convolution",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+}
 
 
 def time_by_op(step) -> dict:
@@ -306,18 +330,29 @@ def bench_mfu(s: dict, processor, shape: str, precision: str, matmul_n: int) -> 
     achieved = flops / seconds
     mfu = achieved / peak
     return entry(
-        f"mfu_{precision}", model=shape_dict(shape), batch=s["batch"], precision=precision,
-        measured={"step_flops": flops, "step_s": round(seconds, 4), "achieved_gflops": round(achieved / 1e9, 2),
-                  "matmul_gflops": round(peak / 1e9, 2), "matmul_n": matmul_n,
-                  "step_s_if_matmuls_ran_at_peak": round(flops / peak, 4), "time_by_op": time_by_op(step)},
-        ratio=mfu, target="achieved FLOP/s >= 0.40 x large-matmul FLOP/s", met=mfu >= 0.40,
+        f"mfu_{precision}",
+        model=shape_dict(shape),
+        batch=s["batch"],
+        precision=precision,
+        measured={
+            "step_flops": flops,
+            "step_s": round(seconds, 4),
+            "achieved_gflops": round(achieved / 1e9, 2),
+            "matmul_gflops": round(peak / 1e9, 2),
+            "matmul_n": matmul_n,
+            "step_s_if_matmuls_ran_at_peak": round(flops / peak, 4),
+            "time_by_op": time_by_op(step),
+        },
+        ratio=mfu,
+        target="achieved FLOP/s >= 0.40 x large-matmul FLOP/s",
+        met=mfu >= 0.40,
     )
 
 
 def bench_attention_kernels(lengths: tuple[int, ...], repeats: int) -> dict:
     """One attention layer, forward + backward, eager (matmul, softmax, matmul) vs PyTorch's fused sdpa, in
-    bf16 and fp32: the measurement behind `model.attn_implementation: auto` (finetune/model.py)."""
-    from finetune.model import EAGER_MAX_TOKENS_CPU_BF16
+    bf16 and fp32: the measurement behind `model.attn_implementation: auto` (finetune/models/lora.py)."""
+    from finetune.models.attention import EAGER_MAX_TOKENS_CPU_BF16
 
     batch, heads, head_dim = 8, 12, 64
     measured = {}
@@ -333,12 +368,20 @@ def bench_attention_kernels(lengths: tuple[int, ...], repeats: int) -> dict:
                 (weights @ v).sum().backward()
 
             times = interleaved({"sdpa": sdpa, "eager": eager}, repeats)
-            measured[f"{label}_{n}_tokens"] = {"sdpa_ms": round(times["sdpa"] * 1e3, 3), "eager_ms": round(times["eager"] * 1e3, 3),
-                                               "eager_speedup": round(times["sdpa"] / times["eager"], 2)}
+            measured[f"{label}_{n}_tokens"] = {
+                "sdpa_ms": round(times["sdpa"] * 1e3, 3),
+                "eager_ms": round(times["eager"] * 1e3, 3),
+                "eager_speedup": round(times["sdpa"] / times["eager"], 2),
+            }
     return entry(
-        "attention_kernels", model={"batch": batch, "heads": heads, "head_dim": head_dim, "tokens": list(lengths)}, batch=batch,
-        precision="bf16 / fp32", measured=measured, ratio=None,
-        target=f"informs model.attn_implementation: auto (eager on a CPU in bf16 up to {EAGER_MAX_TOKENS_CPU_BF16} tokens)", met=None,
+        "attention_kernels",
+        model={"batch": batch, "heads": heads, "head_dim": head_dim, "tokens": list(lengths)},
+        batch=batch,
+        precision="bf16 / fp32",
+        measured=measured,
+        ratio=None,
+        target=f"informs model.attn_implementation: auto (eager on a CPU in bf16 up to {EAGER_MAX_TOKENS_CPU_BF16} tokens)",
+        met=None,
         notes="eager_speedup = sdpa time / eager time; > 1: eager is faster",
     )
 
@@ -361,10 +404,13 @@ def memory_probe(spec: dict) -> dict:
     import peft  # noqa: F401
     from transformers import BitsAndBytesConfig, CLIPModel
 
-    from finetune import model as _model  # noqa: F401
-    from finetune.losses import ClipInfoNCE
-    from finetune.quantize import full_precision_modules, prepare_quantized_for_training
-    from finetune.step import cached_contrastive_step, plain_step
+    from finetune.models import lora as _model  # noqa: F401
+    from finetune.models.qlora import (
+        full_precision_modules,
+        prepare_quantized_for_training,
+    )
+    from finetune.training.losses import ClipInfoNCE
+    from finetune.training.step import cached_contrastive_step, plain_step
 
     processor = build_processor(SHAPES[spec["shape"]][5])
     batch = collated_batch(processor, spec["batch"], SHAPES[spec["shape"]][5])
@@ -380,8 +426,13 @@ def memory_probe(spec: dict) -> dict:
             del model
             gc.collect()
             start = _vm("VmRSS")  # the fp32 model written out is not part of QLoRA's footprint
-            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                       bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=full_precision_modules(config))
+            quant = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32,
+                llm_int8_skip_modules=full_precision_modules(config),
+            )
             model = CLIPModel.from_pretrained(tmp, quantization_config=quant, device_map={"": "cpu"})
         model = prepare_quantized_for_training(model)
     if spec["method"] in ("lora", "qlora"):
@@ -418,11 +469,19 @@ def run_probe(spec: dict) -> dict:
 def bench_memory(s: dict, shape: str) -> dict:
     common = dict(shape=shape, batch=s["memory_batch"], steps=2)
     peaks = {m: run_probe({**common, "method": m}) for m in tqdm(("full", "lora", "qlora"), desc="memory", leave=False)}
-    lora, qlora = _ratio(peaks["lora"]["peak_mib"], peaks["full"]["peak_mib"]), _ratio(peaks["qlora"]["peak_mib"], peaks["full"]["peak_mib"])
+    lora, qlora = (
+        _ratio(peaks["lora"]["peak_mib"], peaks["full"]["peak_mib"]),
+        _ratio(peaks["qlora"]["peak_mib"], peaks["full"]["peak_mib"]),
+    )
     return entry(
-        "memory", model=shape_dict(shape), batch=s["memory_batch"], precision="fp32 (QLoRA: nf4 base, double quant, fp32 compute)",
+        "memory",
+        model=shape_dict(shape),
+        batch=s["memory_batch"],
+        precision="fp32 (QLoRA: nf4 base, double quant, fp32 compute)",
         measured={k: v["peak_mib"] for k, v in peaks.items()} | {"lora_over_full": lora, "qlora_over_full": qlora},
-        ratio=lora, target="LoRA <= 0.6x full fine-tuning, QLoRA <= 0.45x", met=None if lora is None else lora <= 0.6 and qlora <= 0.45,
+        ratio=lora,
+        target="LoRA <= 0.6x full fine-tuning, QLoRA <= 0.45x",
+        met=None if lora is None else lora <= 0.6 and qlora <= 0.45,
         notes="peak RSS of 2 training steps (AdamW) above the interpreter's, in a fresh process each",
     )
 
@@ -433,9 +492,19 @@ def bench_gradcache_memory(s: dict, shape: str) -> dict:
     cached = run_probe(dict(shape=shape, batch=8 * micro, steps=2, method="lora", micro=micro))
     ratio = _ratio(cached["peak_mib"], plain["peak_mib"])
     return entry(
-        "gradcache_memory", model=shape_dict(shape), batch=8 * micro, precision="fp32",
-        measured={"plain_micro_batch": micro, "plain_peak_mib": plain["peak_mib"], "cached_batch": 8 * micro, "cached_peak_mib": cached["peak_mib"]},
-        ratio=ratio, target="peak(cached, batch 8m, micro m) <= 1.3 x peak(plain, batch m)", met=None if ratio is None else ratio <= 1.3,
+        "gradcache_memory",
+        model=shape_dict(shape),
+        batch=8 * micro,
+        precision="fp32",
+        measured={
+            "plain_micro_batch": micro,
+            "plain_peak_mib": plain["peak_mib"],
+            "cached_batch": 8 * micro,
+            "cached_peak_mib": cached["peak_mib"],
+        },
+        ratio=ratio,
+        target="peak(cached, batch 8m, micro m) <= 1.3 x peak(plain, batch m)",
+        met=None if ratio is None else ratio <= 1.3,
         notes="LoRA; peak includes the frozen weights both sides hold",
     )
 
@@ -444,7 +513,10 @@ def bench_data_pipeline(s: dict, model_images_per_s: float, image_size: int) -> 
     from transformers import CLIPImageProcessor
 
     from data_tools.loading import decode_image
-    from data_tools.pipeline import available_cores, default_num_workers, preprocessed_image
+    from data_tools.pipeline import (
+        default_num_workers,
+        preprocessed_image,
+    )
 
     processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     n = s["pipeline_images"]
@@ -462,13 +534,22 @@ def bench_data_pipeline(s: dict, model_images_per_s: float, image_size: int) -> 
     }
     times = interleaved(fns, repeats=max(2, s["steps"] // 2))
     per_worker = {k: round(n / t, 1) for k, t in times.items()}
-    workers = default_num_workers(available_cores(), 1)
+    workers = default_num_workers(timing.available_cores(), 1)
     default_rate = per_worker["jpeg_draft"] * workers  # recipe defaults: auto workers, JPEG draft decoding
     ratio = default_rate / model_images_per_s
     return entry(
-        "data_pipeline", model={"images": "640x480 photo-like", "to": f"{image_size}px"}, batch=None, precision=None,
-        measured={"images_per_s_per_worker": per_worker, "default_workers": workers, "model_train_images_per_s": round(model_images_per_s, 2)},
-        ratio=ratio, target="default workers x JPEG-draft images/s >= 1.2 x the model's training images/s", met=ratio >= 1.2,
+        "data_pipeline",
+        model={"images": "640x480 photo-like", "to": f"{image_size}px"},
+        batch=None,
+        precision=None,
+        measured={
+            "images_per_s_per_worker": per_worker,
+            "default_workers": workers,
+            "model_train_images_per_s": round(model_images_per_s, 2),
+        },
+        ratio=ratio,
+        target="default workers x JPEG-draft images/s >= 1.2 x the model's training images/s",
+        met=ratio >= 1.2,
         notes="per-worker rates measured in one process; the model rate is the toolkit step of step_overhead",
     )
 
@@ -500,6 +581,7 @@ def bench_embedding(s: dict, processor, shape: str) -> dict:
         def run():
             with torch.no_grad():
                 m.get_image_features(pixel_values=pixels.to(dtype))
+
         return run
 
     times = interleaved({name: embed(m) for name, m in variants.items()}, max(2, s["steps"] // 2))
@@ -509,9 +591,14 @@ def bench_embedding(s: dict, processor, shape: str) -> dict:
     speedup = rate[best] / rate["fp32"]
     loss = r1["fp32"] - r1[best]
     return entry(
-        "embedding_throughput", model=shape_dict(shape), batch=s["embed_batch"], precision="fp32 / bf16 weights / int8 dynamic (torch)",
+        "embedding_throughput",
+        model=shape_dict(shape),
+        batch=s["embed_batch"],
+        precision="fp32 / bf16 weights / int8 dynamic (torch)",
         measured={"images_per_s": rate, "demo_source_t2i_R@1": r1, "fastest": best},
-        ratio=speedup, target=">= 2.5x fp32 images/s at <= 0.5 pt R@1 loss", met=speedup >= 2.5 and loss <= 0.5,
+        ratio=speedup,
+        target=">= 2.5x fp32 images/s at <= 0.5 pt R@1 loss",
+        met=speedup >= 2.5 and loss <= 0.5,
         notes="the models `domainclip export --dtype fp32|bf16|int8` ships (finetune/export/quantize.py `quantize`); "
         "R@1 of the demo base on its source eval set (300 images in quick/full)",
     )
@@ -519,19 +606,32 @@ def bench_embedding(s: dict, processor, shape: str) -> dict:
 
 def demo_r1_by_precision(num_images: int) -> dict[str, float]:
     from data_tools.loading import RetrievalSet, load_image_text_dataset
-    from finetune.evaluate import evaluate_retrieval
+    from finetune.evaluation.evaluate import evaluate_retrieval
     from finetune.export.quantize import quantize
-    from finetune.model import load_model
+    from finetune.models.load import load_model
 
     model, processor = load_model(str(DEMO))
-    pairs = load_image_text_dataset(key="benchmark", path=None, name=None, revision=None, data_files=None, split="train",
-                                    image_column="image", caption_column="caption", image_id_column=None, label_column=None,
-                                    max_samples=None, synthetic=dict(domain="source", num_images=num_images, captions_per_image=1, image_size=32, seed=1))
+    pairs = load_image_text_dataset(
+        key="benchmark",
+        path=None,
+        name=None,
+        revision=None,
+        data_files=None,
+        split="train",
+        image_column="image",
+        caption_column="caption",
+        image_id_column=None,
+        label_column=None,
+        max_samples=None,
+        synthetic=dict(domain="source", num_images=num_images, captions_per_image=1, image_size=32, seed=1),
+    )
     sets = {"source": RetrievalSet.from_pairs(pairs)}
     out = {}
     for name in ("fp32", "bf16", "int8"):
         m = model if name == "fp32" else quantize(model, name)
-        results, _ = evaluate_retrieval(m, processor=processor, sets=sets, batch_size=256, max_text_length=77, ks=(1,), num_workers=0, desc=name)
+        results, _ = evaluate_retrieval(
+            m, processor=processor, sets=sets, batch_size=256, max_text_length=77, ks=(1,), num_workers=0, desc=name
+        )
         out[name] = results["source"]["t2i"]["R@1"]
     return out
 
@@ -560,7 +660,7 @@ def bench_faiss(sizes: tuple[int, ...], dim: int = 512) -> list[dict]:
     against exact flat search, on other queries than the ones it was tuned on."""
     import faiss
 
-    from finetune.export.index import build_index
+    from finetune.retrieval.index import build_index
 
     out = []
     rng = np.random.default_rng(0)
@@ -592,16 +692,30 @@ def bench_faiss(sizes: tuple[int, ...], dim: int = 512) -> list[dict]:
         recall = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)]))
         speed = t100["flat"] / t100["chosen"]
         memory = results["chosen"]["memory_mib"] / results["flat"]["memory_mib"]
-        out.append(entry(
-            f"faiss[{n}]", model={"vectors": n, "dim": dim, "data": "1000 clusters of rank 24 + noise, unit rows"}, batch=100, precision="fp32",
-            measured={**results, "index": f"{manifest['factory']}, {manifest['search_params']}", "selection_reason": manifest["selection_reason"],
-                      "tuning": manifest["tuning"], "recall_at_10": round(recall, 4), "recall_at_10_tuning": manifest["recall_at_10"],
-                      "speedup_batch100": round(speed, 2), "speedup_batch1": round(t1["flat"] / t1["chosen"], 2), "memory_ratio": round(memory, 4)},
-            ratio=speed, target="at 1M: >= 50x faster than flat at recall@10 >= 0.95, <= 0.2x its memory",
-            met=(speed >= 50 and recall >= 0.95 and memory <= 0.2) if n >= 1_000_000 else None,
-            notes=f"the index `domainclip index` builds with --memory-budget {FAISS_MEMORY_SHARE}x flat's bytes, nprobe tuned on "
-            "100 held-out queries; recall measured on 100 others",
-        ))
+        out.append(
+            entry(
+                f"faiss[{n}]",
+                model={"vectors": n, "dim": dim, "data": "1000 clusters of rank 24 + noise, unit rows"},
+                batch=100,
+                precision="fp32",
+                measured={
+                    **results,
+                    "index": f"{manifest['factory']}, {manifest['search_params']}",
+                    "selection_reason": manifest["selection_reason"],
+                    "tuning": manifest["tuning"],
+                    "recall_at_10": round(recall, 4),
+                    "recall_at_10_tuning": manifest["recall_at_10"],
+                    "speedup_batch100": round(speed, 2),
+                    "speedup_batch1": round(t1["flat"] / t1["chosen"], 2),
+                    "memory_ratio": round(memory, 4),
+                },
+                ratio=speed,
+                target="at 1M: >= 50x faster than flat at recall@10 >= 0.95, <= 0.2x its memory",
+                met=(speed >= 50 and recall >= 0.95 and memory <= 0.2) if n >= 1_000_000 else None,
+                notes=f"the index `domainclip index` builds with --memory-budget {FAISS_MEMORY_SHARE}x flat's bytes, nprobe tuned on "
+                "100 held-out queries; recall measured on 100 others",
+            )
+        )
         del data
     return out
 

@@ -23,9 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from finetune.quiet import quiet_third_party_notices
 
 quiet_third_party_notices()
@@ -35,15 +32,31 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from data_tools.augment import AugmentedRows, ImageAugmentation, PositionKeys, TextAugmentation  # noqa: E402
+from data_tools.augment import (  # noqa: E402
+    AugmentedRows,
+    ImageAugmentation,
+    PositionKeys,
+    TextAugmentation,
+)
+from data_tools.collate import ImageTextCollator  # noqa: E402
 from data_tools.sampling import EpochShuffleSampler  # noqa: E402
-from finetune.collate import ImageTextCollator  # noqa: E402
 from scripts.benchmark import build_processor, encoded_images, load_average  # noqa: E402
 
 OFF = ImageAugmentation(
-    crop=False, crop_scale=(0.8, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=False, flip_p=0.5,
-    rotation=False, rotation_degrees=10.0, rotation_padding="border",
-    jitter=False, jitter_p=1.0, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.0,
+    crop=False,
+    crop_scale=(0.8, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    flip=False,
+    flip_p=0.5,
+    rotation=False,
+    rotation_degrees=10.0,
+    rotation_padding="border",
+    jitter=False,
+    jitter_p=1.0,
+    brightness=0.2,
+    contrast=0.2,
+    saturation=0.2,
+    hue=0.0,
 )
 TEXT_OFF = TextAugmentation(word_dropout=0.0, word_swap=0.0, caption_templates=None)
 TEXT_ON = TextAugmentation(word_dropout=0.1, word_swap=0.1, caption_templates=("{caption}", "a photo of {caption}"))
@@ -76,12 +89,19 @@ def rows(n: int, width: int, height: int) -> datasets.Dataset:
         {
             "image": encoded_images(n, "JPEG", width, height),
             "caption": [f"a photo-like image number {i} with smooth colours and noise" for i in range(n)],
-            "image_index": list(range(n)), "source_row": list(range(n)), "image_id": [str(i) for i in range(n)],
+            "image_index": list(range(n)),
+            "source_row": list(range(n)),
+            "image_id": [str(i) for i in range(n)],
         },
-        features=datasets.Features({
-            "image": datasets.Image(decode=False), "caption": datasets.Value("string"), "image_index": datasets.Value("int64"),
-            "source_row": datasets.Value("int64"), "image_id": datasets.Value("string"),
-        }),
+        features=datasets.Features(
+            {
+                "image": datasets.Image(decode=False),
+                "caption": datasets.Value("string"),
+                "image_index": datasets.Value("int64"),
+                "source_row": datasets.Value("int64"),
+                "image_id": datasets.Value("string"),
+            }
+        ),
     )
 
 
@@ -89,7 +109,11 @@ def one_pass(pairs, processor, image, text, batch_size: int, workers: int, image
     """Seconds for one pass over `pairs` through the training loader (workers started inside)."""
     sampler = PositionKeys(EpochShuffleSampler(len(pairs), seed=0))
     loader = DataLoader(
-        AugmentedRows(pairs, 0, text), batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+        AugmentedRows(pairs, 0, text),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=True,
         collate_fn=ImageTextCollator(processor, 77, draft_size=image_size, augment=image, augment_seed=0),
     )
     start = time.perf_counter()
@@ -119,10 +143,17 @@ def main(argv=None) -> int:
     relative = {name: round(r / rate["off"], 3) for name, r in rate.items()}
     doc = {
         "benchmark": "augment",
-        "machine": {"cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), "torch": torch.__version__},
+        "machine": {
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "torch": torch.__version__,
+        },
         "setting": {
-            "images": images, "source": "JPEG 640x480 photo-like" if not args.tiny else "JPEG 64x48", "image_size": args.image_size,
-            "batch_size": args.batch_size, "workers": args.workers, "repeats": args.repeats,
+            "images": images,
+            "source": "JPEG 640x480 photo-like" if not args.tiny else "JPEG 64x48",
+            "image_size": args.image_size,
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "repeats": args.repeats,
         },
         "images_per_s": rate,
         "relative_to_off": relative,

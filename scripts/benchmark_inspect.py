@@ -19,9 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 from PIL import Image
 from transformers import AutoTokenizer
@@ -55,10 +52,18 @@ def main(argv=None) -> int:
         loaded = time.perf_counter()
         report, _ = inspect_pairs(pairs, tokenizer=tokenizer, max_text_length=32, decode=args.decode)
         done = time.perf_counter()
-    print(json.dumps({
-        "images": report["unique_images"], "seconds_load": round(loaded - start, 2), "seconds_report": round(done - loaded, 2),
-        "decode": args.decode, "cpus": len(os.sched_getaffinity(0)), "load_average": round(os.getloadavg()[0], 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "images": report["unique_images"],
+                "seconds_load": round(loaded - start, 2),
+                "seconds_report": round(done - loaded, 2),
+                "decode": args.decode,
+                "cpus": len(os.sched_getaffinity(0)),
+                "load_average": round(os.getloadavg()[0], 1),
+            }
+        )
+    )
     return 0
 
 

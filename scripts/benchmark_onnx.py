@@ -19,18 +19,23 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from data_tools.synthetic import generate_domain
-    from finetune.collate import encode_captions, preprocess_images
+    from data_tools.collate import encode_captions, preprocess_images
+    from data_tools.synthetic.domains import generate_domain
     from finetune.export.merge import read_manifest
-    from finetune.export.onnx import ONNX_DIR, ImageTower, OnnxEmbedder, OnnxTowers, TextTower, measure_side_by_side, row_cosines
-    from finetune.model import load_model
+    from finetune.export.onnx import (
+        ONNX_DIR,
+        ImageTower,
+        OnnxEmbedder,
+        OnnxTowers,
+        TextTower,
+        measure_side_by_side,
+        row_cosines,
+    )
+    from finetune.models.load import load_model
     from finetune.quiet import quiet_third_party_notices
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,7 +84,9 @@ def main(argv=None) -> int:
             if name in sessions:
                 image = sessions[name].image_embeddings(pix_np)
                 text = sessions[name].text_embeddings(ids_np, mask_np)
-                entry["min_cosine_vs_pytorch_fp32"] = round(float(min(row_cosines(image, ref_image).min(), row_cosines(text, ref_text).min())), 6)
+                entry["min_cosine_vs_pytorch_fp32"] = round(
+                    float(min(row_cosines(image, ref_image).min(), row_cosines(text, ref_text).min())), 6
+                )
             per_variant[name] = entry
         rows[str(batch)] = per_variant
     doc = {

@@ -15,10 +15,6 @@ import copy
 import json
 import sys
 import warnings
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
@@ -26,7 +22,10 @@ import torch  # noqa: E402
 def torchao_int8(model):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        from torchao.quantization import (
+            Int8DynamicActivationInt8WeightConfig,
+            quantize_,
+        )
 
         model = copy.deepcopy(model)
         quantize_(model, Int8DynamicActivationInt8WeightConfig())
@@ -34,11 +33,11 @@ def torchao_int8(model):
 
 
 def main(argv=None) -> int:
-    from data_tools.synthetic import generate_domain
-    from finetune.collate import encode_captions, preprocess_images
+    from data_tools.collate import encode_captions, preprocess_images
+    from data_tools.synthetic.domains import generate_domain
     from finetune.export.quantize import embedding_throughput, quantize
-    from finetune.model import load_model
-    from finetune.towers import image_features, text_features
+    from finetune.models.load import load_model
+    from finetune.models.towers import image_features, text_features
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")

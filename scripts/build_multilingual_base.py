@@ -16,9 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
@@ -32,11 +29,18 @@ def build_tiny_xlmr(vocab_size: int, width: int, layers: int, max_length: int, s
     """
     tokenizer = train_xlmr_tokenizer(all_multilingual_caption_text(), vocab_size, max_length)
     config = XLMRobertaConfig(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2, num_hidden_layers=layers,
-        num_attention_heads=max(1, width // 16), hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=width * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, width // 16),
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
         # RoBERTa positions start after the padding index: max_length usable positions need two more.
         max_position_embeddings=max_length + tokenizer.pad_token_id + 1,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
     return XLMRobertaModel(config), tokenizer

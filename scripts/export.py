@@ -1,18 +1,14 @@
-"""`domainclip export` as a script: python scripts/export.py --help (see finetune/export/commands.py)."""
+"""`domainclip export` as a script: python scripts/export.py --help (the command lives in finetune/cli/export.py)."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from finetune.export.commands import export_main  # noqa: E402
+from finetune.cli.main import main as domainclip
 
 
 def main(argv=None) -> int:
-    return export_main(argv)
+    return domainclip(["export", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

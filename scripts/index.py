@@ -1,18 +1,14 @@
-"""`domainclip index` as a script: python scripts/index.py --help (see finetune/export/commands.py)."""
+"""`domainclip index` as a script: python scripts/index.py --help (the command lives in finetune/cli/index.py)."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from finetune.export.commands import index_main  # noqa: E402
+from finetune.cli.main import main as domainclip
 
 
 def main(argv=None) -> int:
-    return index_main(argv)
+    return domainclip(["index", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

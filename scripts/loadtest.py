@@ -29,15 +29,21 @@ import time
 import zlib
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("text", "image", "fused", "malformed")
-MALFORMED = ("unknown_field", "empty_text", "k_out_of_range", "bad_json", "undecodable_image", "bomb_image",
-             "oversize_text", "oversize_body", "wrong_content_type")
+MALFORMED = (
+    "unknown_field",
+    "empty_text",
+    "k_out_of_range",
+    "bad_json",
+    "undecodable_image",
+    "bomb_image",
+    "oversize_text",
+    "oversize_body",
+    "wrong_content_type",
+)
 
 
 def free_port() -> int:
@@ -48,6 +54,7 @@ def free_port() -> int:
 
 def bomb_png(width: int, height: int) -> bytes:
     """A valid PNG header claiming width x height grey pixels, with a tiny (truncated) IDAT: a few hundred bytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -59,8 +66,8 @@ def query_material(index_dir: Path, n_images: int, seed: int) -> dict:
     """Captions and labels from the index's id map; PNG query images (synthetic renders at the model's size)."""
     import pandas as pd
 
-    from data_tools.synthetic import generate_domain
-    from finetune.export.index import read_index_manifest
+    from data_tools.synthetic.domains import generate_domain
+    from finetune.retrieval.index import read_index_manifest
 
     manifest = read_index_manifest(index_dir)
     kind = "image" if "image" in manifest["indexes"] else "text"
@@ -188,7 +195,9 @@ def summarise(plans, results, elapsed: float, before: dict, info: dict) -> dict:
     batching = info["batching"]
 
     def forwards(kind):
-        return batching[kind]["forwards"] - before["batching"][kind]["forwards"], batching[kind]["items"] - before["batching"][kind]["items"]
+        return batching[kind]["forwards"] - before["batching"][kind]["forwards"], batching[kind]["items"] - before["batching"][kind][
+            "items"
+        ]
 
     fw = {kind: forwards(kind) for kind in ("text", "image")}
     cache_asked = (info["cache"]["hits"] + info["cache"]["misses"]) - (before["cache"]["hits"] + before["cache"]["misses"])
@@ -196,15 +205,16 @@ def summarise(plans, results, elapsed: float, before: dict, info: dict) -> dict:
         "requests": len(plans),
         "seconds": round(elapsed, 2),
         "requests_per_s": round(len(plans) / elapsed, 1),
-        "latency_ms": {"all": _percentiles(latencies),
-                       **{kind: _percentiles(ms for p, (_, ms) in zip(plans, results) if p["kind"] == kind) for kind in KINDS}},
+        "latency_ms": {
+            "all": _percentiles(latencies),
+            **{kind: _percentiles(ms for p, (_, ms) in zip(plans, results) if p["kind"] == kind) for kind in KINDS},
+        },
         "status_by_kind": by_kind,
         "malformed_by_kind": malformed,
         "server_errors": server_errors,
         "malformed_not_4xx": len(malformed_not_4xx),
         "valid_not_200": valid_not_200,
-        "model_forwards": {kind: {"forwards": f, "items": n, "mean_batch": round(n / f, 2) if f else None}
-                           for kind, (f, n) in fw.items()},
+        "model_forwards": {kind: {"forwards": f, "items": n, "mean_batch": round(n / f, 2) if f else None} for kind, (f, n) in fw.items()},
         "largest_batch": {kind: batching[kind]["largest_batch"] for kind in ("text", "image")},
         "cache_hit_rate": round((info["cache"]["hits"] - before["cache"]["hits"]) / cache_asked, 3) if cache_asked else None,
     }
@@ -215,9 +225,21 @@ def start_server(index_dir: Path, port: int, extra: list[str], log_path: Path, s
 
     log = open(log_path, "ab")
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "serve.py"), str(index_dir), "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning", *extra],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "serve.py"),
+            str(index_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            *extra,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
     )
     deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:
@@ -243,7 +265,7 @@ def stop_server(process: subprocess.Popen) -> int | None:
 
 
 def main(argv=None) -> int:
-    from finetune.serve.limits import Limits
+    from finetune.retrieval.serve.limits import Limits
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--index", default="runs/demo-index", help="an index folder (the README's demo: runs/demo-index)")
@@ -252,8 +274,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--backend", choices=("torch", "onnx", "onnx-int8"), default="torch",
-                        help="the server's embedder (onnx / onnx-int8 need an export made with --onnx / --onnx-int8)")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnx", "onnx-int8"),
+        default="torch",
+        help="the server's embedder (onnx / onnx-int8 need an export made with --onnx / --onnx-int8)",
+    )
     parser.add_argument("--modes", default="on,off", help="batching modes to run, in order: on,off | on | off")
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     parser.add_argument("--out", default=None, help="also write the JSON here")
@@ -261,21 +287,27 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     index_dir = Path(args.index)
     if not (index_dir / "manifest.json").is_file():
-        print(f"error: --index {index_dir}: no manifest.json; build the demo index first (README: export -> index), "
-              "or pass --index DIR", file=sys.stderr)
+        print(
+            f"error: --index {index_dir}: no manifest.json; build the demo index first (README: export -> index), or pass --index DIR",
+            file=sys.stderr,
+        )
         return 2
     limits = Limits()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in ("on", "off") for m in modes):
         parser.error(f"--modes: on, off or on,off; got {args.modes!r}")
     material = query_material(index_dir, 32, args.seed)
-    plans = plan_requests(material, args.requests, args.seed, max_body_bytes=limits.max_body_bytes,
-                          max_text_chars=limits.max_text_chars, max_k=limits.max_k)
+    plans = plan_requests(
+        material, args.requests, args.seed, max_body_bytes=limits.max_body_bytes, max_text_chars=limits.max_text_chars, max_k=limits.max_k
+    )
     import tempfile
 
     log_path = Path(args.log) if args.log else Path(tempfile.gettempdir()) / f"domainclip-loadtest-{os.getpid()}.log"
     report = {
-        "index": str(index_dir), "requests": args.requests, "concurrency": args.concurrency, "seed": args.seed,
+        "index": str(index_dir),
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "seed": args.seed,
         "mix": {kind: sum(p["kind"] == kind for p in plans) for kind in KINDS},
         "backend": args.backend,
         "batching": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms},
@@ -295,11 +327,12 @@ def main(argv=None) -> int:
         report[f"batching_{mode}"] = result
     report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     if "batching_on" in report and "batching_off" in report:
-        report["throughput_ratio_on_vs_off"] = round(
-            report["batching_on"]["requests_per_s"] / report["batching_off"]["requests_per_s"], 2)
+        report["throughput_ratio_on_vs_off"] = round(report["batching_on"]["requests_per_s"] / report["batching_off"]["requests_per_s"], 2)
     runs = [report[f"batching_{m}"] for m in modes]
-    report["ok"] = all(r["server_errors"] == 0 and r["malformed_not_4xx"] == 0 and r["valid_not_200"] == 0
-                       and r["server_alive_until_stopped"] for r in runs)
+    report["ok"] = all(
+        r["server_errors"] == 0 and r["malformed_not_4xx"] == 0 and r["valid_not_200"] == 0 and r["server_alive_until_stopped"]
+        for r in runs
+    )
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

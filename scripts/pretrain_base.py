@@ -14,19 +14,16 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data_tools.synthetic import all_caption_text, generate_domain
-from finetune.losses import ClipInfoNCE
-from finetune.step import contrastive_step
-from finetune.tiny_clip import build_tiny_clip, save_clip_folder
+from data_tools.synthetic.domains import all_caption_text, generate_domain
+from finetune.models.tiny_clip import build_tiny_clip, save_clip_folder
+from finetune.training.losses import ClipInfoNCE
+from finetune.training.step import contrastive_step
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +37,9 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--patch-size", type=int, default=8)
     parser.add_argument(
-        "--vocab-size", type=int, default=124,
+        "--vocab-size",
+        type=int,
+        default=124,
         help="learned BPE tokens, on top of the 514 every tokenizer holds (special tokens, each byte bare and word-final)",
     )
     parser.add_argument("--seed", type=int, default=0)

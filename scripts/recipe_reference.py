@@ -1,7 +1,9 @@
 """Print the recipe reference (every key, type, default, meaning) as markdown, from the schema itself.
 
-    python scripts/recipe_reference.py            # print
-    python scripts/recipe_reference.py --check README.md   # exit 1 if the README's copy is stale
+python scripts/recipe_reference.py                           # print
+python scripts/recipe_reference.py --check docs/recipes.md   # exit 1 if the docs' copy is stale
+
+The copy lives in docs/recipes.md between the recipe-reference markers; tests/test_docs.py runs the check.
 """
 
 from __future__ import annotations
@@ -10,22 +12,18 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from finetune.config import RecipeConfig, _tagged_items, section_type
+from finetune.config.load import _tagged_items, section_type
+from finetune.config.schema import RecipeConfig
 
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
 
 
 def _type_name(annotation) -> str:
     text = str(annotation) if not isinstance(annotation, type) else annotation.__name__
-    return (
-        text.replace("typing.", "").replace("finetune.config.", "").replace("NoneType", "null")
-    )
+    return text.replace("typing.", "").replace("finetune.config.schema.", "").replace("NoneType", "null")
 
 
 def rows(model: type[BaseModel], prefix: str = "", seen: dict | None = None) -> list[str]:
@@ -68,7 +66,7 @@ def reference() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", metavar="README", help="fail if this file's reference block differs")
+    parser.add_argument("--check", metavar="MARKDOWN", help="fail if this file's reference block differs (docs/recipes.md)")
     args = parser.parse_args(argv)
     table = reference()
     if args.check:

@@ -1,18 +1,14 @@
-"""`domainclip serve` as a script: python scripts/serve.py INDEX_DIR --help (see finetune/serve/command.py)."""
+"""`domainclip serve` as a script: python scripts/serve.py --help (the command lives in finetune/cli/serve.py)."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from finetune.serve.command import serve_main  # noqa: E402
+from finetune.cli.main import main as domainclip
 
 
 def main(argv=None) -> int:
-    return serve_main(argv)
+    return domainclip(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

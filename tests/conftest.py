@@ -3,20 +3,17 @@ hub datasets the recipes name (same columns, same splits, loaded through `load_d
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import datasets  # noqa: E402
 
-from data_tools.synthetic import all_caption_text, generate_domain  # noqa: E402
-from finetune.tiny_clip import build_tiny_clip, save_clip_folder  # noqa: E402
+from data_tools.synthetic.domains import all_caption_text, generate_domain  # noqa: E402
+from finetune.models.tiny_clip import build_tiny_clip, save_clip_folder  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +49,7 @@ def tiny_xlmr_dir(tmp_path_factory) -> Path:
 def roco_like_dir(tmp_path_factory) -> Path:
     """Parquet splits train/validation/test with ROCO-radiology's columns: image, image_id, caption."""
     root = tmp_path_factory.mktemp("roco-like")
-    features = datasets.Features(
-        {"image": datasets.Image(), "image_id": datasets.Value("string"), "caption": datasets.Value("string")}
-    )
+    features = datasets.Features({"image": datasets.Image(), "image_id": datasets.Value("string"), "caption": datasets.Value("string")})
     for split, n, seed in (("train", 48, 0), ("validation", 16, 1), ("test", 16, 2)):
         rows = _synthetic_rows("target", n, seed)
         ds = datasets.Dataset.from_dict(

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from finetune.config import load_config
+from finetune.config.load import load_config
 from scripts import ablate_negatives as ablation
 
 
@@ -24,7 +24,10 @@ def test_every_variant_is_a_valid_demo_recipe_that_changes_what_it_names(name):
 
 def test_table_rows_read_recall_retention_and_wall_time(tmp_path, capsys, monkeypatch):
     def result(t2i, source):
-        sets = {"target": {"t2i": {"R@1": t2i, "R@5": t2i + 10}, "i2t": {"R@1": t2i - 2, "R@5": t2i + 8}}, "source": {"t2i": {"R@1": source}}}
+        sets = {
+            "target": {"t2i": {"R@1": t2i, "R@5": t2i + 10}, "i2t": {"R@1": t2i - 2, "R@5": t2i + 8}},
+            "source": {"t2i": {"R@1": source}},
+        }
         zero = {"target": {"t2i": {"R@1": 0.0, "R@5": 1.0}, "i2t": {"R@1": 0.5, "R@5": 2.0}}, "source": {"t2i": {"R@1": 80.0}}}
         return {"zero_shot": zero, "adapted": sets}
 

@@ -12,8 +12,9 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from finetune import collate, train
-from finetune.checkpoint import latest_checkpoint, read_trainer_state
+from data_tools import collate
+from finetune import train
+from finetune.training.checkpoint import latest_checkpoint, read_trainer_state
 
 SMALL = ["train.batch_size=8", "eval.batch_size=64", "train.log_every_steps=1", "data.num_workers=0"]
 AUGMENT = [
@@ -35,10 +36,17 @@ def fresh_accelerator_state():
 
 def demo(tiny_clip_dir, out: Path, steps: int) -> list[str]:
     return [
-        "recipes/demo.yaml", f"model.name_or_path={tiny_clip_dir}", f"train.output_dir={out}", f"train.max_steps={steps}",
-        "train.checkpoint_every_steps=2", "data.train.synthetic.num_images=24", "data.eval.target.synthetic.num_images=12",
-        "data.eval.source.synthetic.num_images=12", "data.replay=[{synthetic: {domain: source, num_images: 8, seed: 2}, fraction: 0.25}]",
-        "optim.warmup_steps=1", *SMALL,
+        "recipes/demo.yaml",
+        f"model.name_or_path={tiny_clip_dir}",
+        f"train.output_dir={out}",
+        f"train.max_steps={steps}",
+        "train.checkpoint_every_steps=2",
+        "data.train.synthetic.num_images=24",
+        "data.eval.target.synthetic.num_images=12",
+        "data.eval.source.synthetic.num_images=12",
+        "data.replay=[{synthetic: {domain: source, num_images: 8, seed: 2}, fraction: 0.25}]",
+        "optim.warmup_steps=1",
+        *SMALL,
     ]
 
 
@@ -121,9 +129,17 @@ def test_the_preresized_cache_holds_pre_augmentation_images(tiny_clip_dir, roco_
     weights equal a run that decodes and resizes every time."""
     for name, cached in (("plain", "false"), ("cached", "true")):
         overrides = [
-            f"model.name_or_path={tiny_clip_dir}", f"data.train.path={roco_like_dir}", f"data.eval.target.path={roco_like_dir}",
-            f"train.output_dir={tmp_path / name}", "train.epochs=null", "train.max_steps=2", *SMALL, "eval.zero_shot=false",
-            "data.max_text_length=32", f"data.cache_preprocessed={cached}", *AUGMENT,
+            f"model.name_or_path={tiny_clip_dir}",
+            f"data.train.path={roco_like_dir}",
+            f"data.eval.target.path={roco_like_dir}",
+            f"train.output_dir={tmp_path / name}",
+            "train.epochs=null",
+            "train.max_steps=2",
+            *SMALL,
+            "eval.zero_shot=false",
+            "data.max_text_length=32",
+            f"data.cache_preprocessed={cached}",
+            *AUGMENT,
         ]
         assert train.main(["recipes/medical.yaml", *overrides]) == 0
     plain, cached = trainable_tensors(tmp_path / "plain"), trainable_tensors(tmp_path / "cached")

@@ -28,8 +28,15 @@ def test_tiny_benchmark_prints_and_writes_every_entry(tmp_path, capsys):
     assert len(doc["load_average_before"]) == 3 and len(doc["load_average_after"]) == 3
     names = [e["name"] for e in doc["entries"]]
     assert names == [
-        "step_overhead[tiny]", "step_overhead[demo base]", "mfu_fp32", "mfu_bf16", "attention_kernels", "memory",
-        "gradcache_memory", "data_pipeline", "embedding_throughput",
+        "step_overhead[tiny]",
+        "step_overhead[demo base]",
+        "mfu_fp32",
+        "mfu_bf16",
+        "attention_kernels",
+        "memory",
+        "gradcache_memory",
+        "data_pipeline",
+        "embedding_throughput",
     ]
     for e in doc["entries"]:
         assert {"name", "model", "batch", "precision", "measured", "ratio", "target", "met", "notes", "seconds"} <= set(e)
@@ -50,7 +57,7 @@ def test_tiny_benchmark_prints_and_writes_every_entry(tmp_path, capsys):
 
 
 def test_faiss_entry_measures_the_index_the_toolkit_builds_within_its_budget():
-    from finetune.export.index import choose_factory
+    from finetune.retrieval.index import choose_factory
 
     (e,) = benchmark.bench_faiss((20_000,), dim=64)
     m = e["measured"]

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from tokenizers import pre_tokenizers
-from transformers import AutoProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, CLIPTokenizerFast
+from transformers import (
+    AutoProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTokenizer,
+    CLIPTokenizerFast,
+)
 
 from data_tools.loading import RetrievalSet, load_image_text_dataset
-from finetune.evaluate import evaluate_retrieval
+from finetune.evaluation.evaluate import evaluate_retrieval
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "assets" / "demo-clip"
 
@@ -77,7 +82,22 @@ def test_the_demo_base_can_be_rebuilt(tmp_path, capsys):
     from scripts.pretrain_base import main as pretrain
 
     out = tmp_path / "base"
-    args = ["--out", str(out), "--images", "24", "--steps", "6", "--batch-size", "8", "--width", "32", "--layers", "1", "--vocab-size", "20"]
+    args = [
+        "--out",
+        str(out),
+        "--images",
+        "24",
+        "--steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--width",
+        "32",
+        "--layers",
+        "1",
+        "--vocab-size",
+        "20",
+    ]
     assert pretrain(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["out"] == str(out) and 0 < summary["final_loss"] < 10

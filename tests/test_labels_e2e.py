@@ -13,12 +13,14 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from data_tools.loading import DataLoadError, load_image_text_dataset
-from data_tools.synthetic import generate_domain
+from data_tools.loading import load_image_text_dataset
+from data_tools.synthetic.domains import generate_domain
 from data_tools.templates import EpochCaptions
-from finetune import cli, train
-from finetune.checkpoint import latest_checkpoint, read_trainer_state
-from finetune.config import ConfigError, load_config
+from finetune import train
+from finetune.cli import main as cli
+from finetune.config.load import load_config
+from finetune.errors import ConfigError, DataLoadError
+from finetune.training.checkpoint import latest_checkpoint, read_trainer_state
 
 SMALL = ["train.batch_size=8", "eval.batch_size=64", "train.log_every_steps=1", "data.num_workers=0"]
 
@@ -43,10 +45,20 @@ def ham_like_dir(tmp_path_factory) -> Path:
     for split, n, seed in (("train", 40, 0), ("validation", 16, 1)):
         cols = generate_domain("target", n, image_size=32, seed=seed)
         ds = datasets.Dataset.from_dict(
-            {"image": [{"bytes": png(i), "path": None} for i in cols["image"]], "image_id": [f"ISIC_{split}_{i}" for i in range(n)],
-             "lesion_id": [f"HAM_{i}" for i in range(n)], "dx": cols["label"]},
-            features=datasets.Features({"image": datasets.Image(), "image_id": datasets.Value("string"),
-                                        "lesion_id": datasets.Value("string"), "dx": datasets.Value("string")}),
+            {
+                "image": [{"bytes": png(i), "path": None} for i in cols["image"]],
+                "image_id": [f"ISIC_{split}_{i}" for i in range(n)],
+                "lesion_id": [f"HAM_{i}" for i in range(n)],
+                "dx": cols["label"],
+            },
+            features=datasets.Features(
+                {
+                    "image": datasets.Image(),
+                    "image_id": datasets.Value("string"),
+                    "lesion_id": datasets.Value("string"),
+                    "dx": datasets.Value("string"),
+                }
+            ),
         )
         ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
     return root
@@ -55,9 +67,15 @@ def ham_like_dir(tmp_path_factory) -> Path:
 def test_label_only_recipe_trains_and_reports_class_level_numbers(tiny_clip_dir, ham_like_dir, tmp_path, capsys):
     out = tmp_path / "skin"
     overrides = [
-        f"model.name_or_path={tiny_clip_dir}", f"data.train.path={ham_like_dir}", f"data.eval.target.path={ham_like_dir}",
-        f"train.output_dir={out}", "train.epochs=null", "train.max_steps=3", "train.mixed_precision=no",
-        "data.max_text_length=32", *SMALL,
+        f"model.name_or_path={tiny_clip_dir}",
+        f"data.train.path={ham_like_dir}",
+        f"data.eval.target.path={ham_like_dir}",
+        f"train.output_dir={out}",
+        "train.epochs=null",
+        "train.max_steps=3",
+        "train.mixed_precision=no",
+        "data.max_text_length=32",
+        *SMALL,
     ]
     assert train.main(["recipes/skin_lesions.yaml", *overrides]) == 0
     results = json.loads((out / "eval" / "results.json").read_text())
@@ -79,8 +97,15 @@ def test_label_only_recipe_trains_and_reports_class_level_numbers(tiny_clip_dir,
 
 
 def test_label_only_captions_draw_a_template_per_epoch_deterministically(ham_like_dir):
-    kwargs = dict(key="data.train", path=str(ham_like_dir), split="train", caption_column=None, label_column="dx",
-                  caption_templates=["a {label} scan", "{label}, close up", "finding: {label}"], label_names={"circle": "round"})
+    kwargs = dict(
+        key="data.train",
+        path=str(ham_like_dir),
+        split="train",
+        caption_column=None,
+        label_column="dx",
+        caption_templates=["a {label} scan", "{label}, close up", "finding: {label}"],
+        label_names={"circle": "round"},
+    )
     pairs = load_image_text_dataset(**kwargs)
     assert len(pairs) == 40 and all(len(c) == 3 for c in pairs["caption_choices"])
     assert any("round" in c for c in pairs["caption"]) and not any("circle" in c for c in pairs["caption"])
@@ -100,11 +125,20 @@ def test_label_only_captions_draw_a_template_per_epoch_deterministically(ham_lik
 def test_resume_with_long_tail_sampler_weights_masking_and_replay_ends_bit_identical(tiny_clip_dir, tmp_path, monkeypatch):
     def overrides(out):
         return [
-            f"model.name_or_path={tiny_clip_dir}", f"train.output_dir={out}", "train.max_steps=6",
-            "train.checkpoint_every_steps=2", "data.train.synthetic.num_images=24", "data.eval.target.synthetic.num_images=12",
-            "data.eval.source.synthetic.num_images=12", "optim.warmup_steps=1", "sampling.kind=repeat_factor",
-            "sampling.repeat_threshold=0.3", "loss.class_weights=effective_number", "loss.same_label_negatives=false",
-            "data.replay=[{synthetic: {domain: source, num_images: 10, seed: 4}, fraction: 0.25}]", *SMALL,
+            f"model.name_or_path={tiny_clip_dir}",
+            f"train.output_dir={out}",
+            "train.max_steps=6",
+            "train.checkpoint_every_steps=2",
+            "data.train.synthetic.num_images=24",
+            "data.eval.target.synthetic.num_images=12",
+            "data.eval.source.synthetic.num_images=12",
+            "optim.warmup_steps=1",
+            "sampling.kind=repeat_factor",
+            "sampling.repeat_threshold=0.3",
+            "loss.class_weights=effective_number",
+            "loss.same_label_negatives=false",
+            "data.replay=[{synthetic: {domain: source, num_images: 10, seed: 4}, fraction: 0.25}]",
+            *SMALL,
         ]
 
     full = tmp_path / "full"
@@ -156,11 +190,24 @@ def test_data_inspect_counts_bad_images_duplicates_and_leakage(tiny_clip_dir, tm
     data.mkdir()
     ds.to_parquet(str(data / "train-00000-of-00001.parquet"))
     out = tmp_path / "report"
-    code = cli.main([
-        "data", "inspect", "recipes/demo.yaml", f"model.name_or_path={tiny_clip_dir}", "data.train.synthetic=null",
-        f"data.train.path={data}", "data.eval.target.synthetic=null", f"data.eval.target.path={data}",
-        "data.eval.target.label_column=label", "data.eval.source=null", "data.replay=[]", "data.max_text_length=8", "--out", str(out),
-    ])
+    code = cli.main(
+        [
+            "data",
+            "inspect",
+            "recipes/demo.yaml",
+            f"model.name_or_path={tiny_clip_dir}",
+            "data.train.synthetic=null",
+            f"data.train.path={data}",
+            "data.eval.target.synthetic=null",
+            f"data.eval.target.path={data}",
+            "data.eval.target.label_column=label",
+            "data.eval.source=null",
+            "data.replay=[]",
+            "data.max_text_length=8",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "data_report.json").read_text())
@@ -180,32 +227,49 @@ def test_data_inspect_counts_bad_images_duplicates_and_leakage(tiny_clip_dir, tm
 
 def test_label_feature_mistakes_are_recipe_errors_reported_together(tmp_path):
     with pytest.raises(ConfigError) as exc:
-        load_config("recipes/demo.yaml", [
-            "data.train.label_column=null", "sampling.kind=class_balanced",
-            "data.eval.target.caption_templates=[a picture]",
-        ])
+        load_config(
+            "recipes/demo.yaml",
+            [
+                "data.train.label_column=null",
+                "sampling.kind=class_balanced",
+                "data.eval.target.caption_templates=[a picture]",
+            ],
+        )
     text = str(exc.value)
-    assert "data.eval.target.caption_templates: Value error, template 0 ('a picture') has no {label} placeholder" in text or \
-        "data.eval.target.caption_templates: template 0 ('a picture') has no {label} placeholder" in text
+    assert (
+        "data.eval.target.caption_templates: Value error, template 0 ('a picture') has no {label} placeholder" in text
+        or "data.eval.target.caption_templates: template 0 ('a picture') has no {label} placeholder" in text
+    )
     with pytest.raises(ConfigError, match="need class labels: set data.train.label_column"):
         load_config("recipes/demo.yaml", ["data.train.label_column=null", "sampling.kind=class_balanced"])
     with pytest.raises(ConfigError, match="data.replay: fractions sum to 1.1"):
-        load_config("recipes/demo.yaml", [
-            "data.replay=[{synthetic: {domain: source, num_images: 4}, fraction: 0.6}, {synthetic: {domain: source, num_images: 4}, fraction: 0.5}]"
-        ])
+        load_config(
+            "recipes/demo.yaml",
+            [
+                "data.replay=[{synthetic: {domain: source, num_images: 4}, fraction: 0.6}, {synthetic: {domain: source, num_images: 4}, fraction: 0.5}]"
+            ],
+        )
     with pytest.raises(ConfigError, match="caption_column is null"):
         load_config("recipes/demo.yaml", ["data.train.caption_column=null"])
 
 
 def test_a_tiny_model_trains_at_twice_its_size_and_reloads_with_it(tiny_clip_dir, tmp_path):
-    from finetune.collate import preprocess_images
-    from finetune.model import encode_images, load_adapted
+    from data_tools.collate import preprocess_images
+    from finetune.models.adapter import load_adapted
+    from finetune.models.lora import encode_images
 
     out = tmp_path / "big"
     overrides = [
-        f"model.name_or_path={tiny_clip_dir}", f"train.output_dir={out}", "train.max_steps=2", "data.image_size=64",
-        "data.train.synthetic.num_images=16", "data.train.synthetic.image_size=64", "data.eval.target.synthetic.num_images=8",
-        "data.eval.source=null", "data.replay=[]", *SMALL,
+        f"model.name_or_path={tiny_clip_dir}",
+        f"train.output_dir={out}",
+        "train.max_steps=2",
+        "data.image_size=64",
+        "data.train.synthetic.num_images=16",
+        "data.train.synthetic.image_size=64",
+        "data.eval.target.synthetic.num_images=8",
+        "data.eval.source=null",
+        "data.replay=[]",
+        *SMALL,
     ]
     assert train.main(["recipes/demo.yaml", *overrides]) == 0
     model, processor = load_adapted(out)

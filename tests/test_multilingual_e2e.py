@@ -13,9 +13,9 @@ from transformers import CLIPModel
 
 from data_tools.loading import RetrievalSet, load_image_text_dataset
 from finetune import train
-from finetune.evaluate import evaluate_retrieval
-from finetune.model import load_adapted
-from finetune.towers import image_features
+from finetune.evaluation.evaluate import evaluate_retrieval
+from finetune.models.adapter import load_adapted
+from finetune.models.towers import image_features
 
 LANGUAGES = ("en", "de", "es", "zh")
 
@@ -31,9 +31,16 @@ def overrides(tiny_clip_dir, tiny_xlmr_dir, out: Path) -> list[str]:
         f"model.name_or_path={tiny_clip_dir}",
         f"model.text_tower={tiny_xlmr_dir}",
         f"train.output_dir={out}",
-        "distill.max_steps=6", "distill.batch_size=16", "distill.warmup_steps=1", "distill.data.synthetic.num_samples=20",
-        "data.train.synthetic.num_images=12", "train.max_steps=3", "train.batch_size=8", "optim.warmup_steps=1",
-        "train.log_every_steps=1", "eval.batch_size=64",
+        "distill.max_steps=6",
+        "distill.batch_size=16",
+        "distill.warmup_steps=1",
+        "distill.data.synthetic.num_samples=20",
+        "data.train.synthetic.num_images=12",
+        "train.max_steps=3",
+        "train.batch_size=8",
+        "optim.warmup_steps=1",
+        "train.log_every_steps=1",
+        "eval.batch_size=64",
         *(f"data.eval.languages.{lang}.synthetic.num_images=10" for lang in LANGUAGES),
     ]
 
@@ -54,7 +61,7 @@ def test_multilingual_demo_end_to_end(tiny_clip_dir, tiny_xlmr_dir, tmp_path, ca
     assert (out / "eval" / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert len((out / "distill_log.jsonl").read_text().splitlines()) == 6
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
-    assert "VisionTextDualEncoderModel.from_pretrained(\"base_model\")" in (out / "README.md").read_text()
+    assert 'VisionTextDualEncoderModel.from_pretrained("base_model")' in (out / "README.md").read_text()
 
     # The run folder loads back (base_model + adapter) and scores exactly what the run reported.
     model, processor = load_adapted(out)
@@ -77,7 +84,7 @@ class SimulatedKill(RuntimeError):
 def test_a_resumed_swap_run_continues_on_the_saved_base_without_distilling_again(tiny_clip_dir, tiny_xlmr_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import finetune.distill as distill
+    import finetune.training.distill as distill
 
     steps = ["train.max_steps=4", "train.checkpoint_every_steps=2"]
     full = tmp_path / "full"
@@ -102,13 +109,19 @@ def test_a_resumed_swap_run_continues_on_the_saved_base_without_distilling_again
         raise AssertionError("a resumed run must not distil again")
 
     monkeypatch.setattr(distill, "distill_text_tower", no_second_stage_one)
-    assert train.main(["recipes/multilingual_demo.yaml", *overrides(tiny_clip_dir, tiny_xlmr_dir, cut), *steps, "train.resume_from=latest"]) == 0
+    assert (
+        train.main(["recipes/multilingual_demo.yaml", *overrides(tiny_clip_dir, tiny_xlmr_dir, cut), *steps, "train.resume_from=latest"])
+        == 0
+    )
     a = load_file(full / "adapter" / "adapter_model.safetensors")
     b = load_file(cut / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
-    assert json.loads((cut / "eval" / "results.json").read_text())["distilled"] == json.loads((full / "eval" / "results.json").read_text())["distilled"]
+    assert (
+        json.loads((cut / "eval" / "results.json").read_text())["distilled"]
+        == json.loads((full / "eval" / "results.json").read_text())["distilled"]
+    )
 
 
 def test_stage_two_is_optional(tiny_clip_dir, tiny_xlmr_dir, tmp_path):
@@ -129,7 +142,9 @@ def test_stage_two_is_optional(tiny_clip_dir, tiny_xlmr_dir, tmp_path):
 
 
 def test_zero_steps_without_distillation_is_a_recipe_error(tiny_clip_dir, tmp_path, capsys):
-    code = train.main(["recipes/demo.yaml", f"model.name_or_path={tiny_clip_dir}", f"train.output_dir={tmp_path / 'z'}", "train.max_steps=0"])
+    code = train.main(
+        ["recipes/demo.yaml", f"model.name_or_path={tiny_clip_dir}", f"train.output_dir={tmp_path / 'z'}", "train.max_steps=0"]
+    )
     assert code == 2
     assert "train.max_steps: 0 skips the contrastive stage, which only makes sense after distill" in capsys.readouterr().err
 
@@ -152,9 +167,23 @@ def test_two_processes_distil_and_adapt_like_one_with_the_global_batch(tiny_clip
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "finetune.cli", "train", "--num-processes", "2", "--main-process-port", "29531",
-         "recipes/multilingual_demo.yaml", *args(tmp_path / "two", 8, 4)],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "finetune.cli.main",
+            "train",
+            "--num-processes",
+            "2",
+            "--main-process-port",
+            "29531",
+            "recipes/multilingual_demo.yaml",
+            *args(tmp_path / "two", 8, 4),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert train.main(["recipes/multilingual_demo.yaml", *args(tmp_path / "one", 16, 8)]) == 0

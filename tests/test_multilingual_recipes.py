@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.config import load_config
-from finetune.towers import BERT_ATTENTION
+from finetune.config.load import load_config
+from finetune.models.towers import BERT_ATTENTION
 
 ROOT = Path(__file__).resolve().parents[1]
 

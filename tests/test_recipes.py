@@ -10,7 +10,7 @@ import datasets
 import pytest
 import yaml
 
-from finetune.config import load_config
+from finetune.config.load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import CLIPModel
 
 from finetune import train
-from finetune.checkpoint import latest_checkpoint, read_trainer_state
+from finetune.training.checkpoint import latest_checkpoint, read_trainer_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["train.batch_size=8", "eval.batch_size=64", "train.log_every_steps=1", "data.num_workers=0"]
@@ -191,14 +191,31 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_clip_dir, tmp_
     # A resume that would not be exact is refused, naming what changed; nothing is touched.
     capsys.readouterr()
     changed = ["train.batch_size=4", "optim.lr=0.5"]
-    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), *DROPOUT, "data.replay=[]", "train.resume_from=latest", *changed]) == 2
+    assert (
+        train.main(
+            [
+                "recipes/demo.yaml",
+                *demo_overrides(tiny_clip_dir, cut, steps=10),
+                *DROPOUT,
+                "data.replay=[]",
+                "train.resume_from=latest",
+                *changed,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "cannot resume" in err and "train.batch_size: 8 -> 4" in err and "optim.lr: 0.002 -> 0.5" in err
     AcceleratorState._reset_state(True)
 
     # Logging cadence may change freely; the resume continues exactly.
     saved_steps.clear()
-    assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), *DROPOUT, "data.replay=[]", "train.resume_from=latest"]) == 0
+    assert (
+        train.main(
+            ["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, cut, steps=10), *DROPOUT, "data.replay=[]", "train.resume_from=latest"]
+        )
+        == 0
+    )
     assert saved_steps == [10]
     assert not (cut / "checkpoints" / ".tmp-step-00000010").exists()
     assert read_trainer_state(latest_checkpoint(cut / "checkpoints"))["step"] == 10
@@ -242,7 +259,13 @@ def test_unreadable_image_count_survives_a_resume(tiny_clip_dir, tmp_path, monke
 
 def test_bad_recipe_exits_nonzero_with_all_problems(tiny_clip_dir, tmp_path, capsys):
     code = train.main(
-        ["recipes/demo.yaml", "lora.vision.rnak=4", "optim.lr=fast", "model.name_or_path=./does/not/exist", f"train.output_dir={tmp_path}/x"]
+        [
+            "recipes/demo.yaml",
+            "lora.vision.rnak=4",
+            "optim.lr=fast",
+            "model.name_or_path=./does/not/exist",
+            f"train.output_dir={tmp_path}/x",
+        ]
     )
     assert code == 2
     err = capsys.readouterr().err
@@ -260,9 +283,7 @@ def test_unloadable_hub_id_offline_names_key(tmp_path, capsys, monkeypatch):
 
 
 def test_target_modules_matching_nothing_fails_loudly(tiny_clip_dir, tmp_path, capsys):
-    code = train.main(
-        ["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, tmp_path / "r"), "lora.text.target_modules=[query]"]
-    )
+    code = train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, tmp_path / "r"), "lora.text.target_modules=[query]"])
     assert code == 2
     assert "lora.text.target_modules: ['query'] match no Linear layer" in capsys.readouterr().err
 
@@ -273,7 +294,11 @@ def test_script_runs_as_a_file(tiny_clip_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "finetune/train.py", "recipes/demo.yaml", *demo_overrides(tiny_clip_dir, out, steps=2)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
@@ -301,10 +326,14 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_clip_dir, tm
         "data.num_workers=0",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "finetune.cli", "train", "--num-processes", "2", "--main-process-port", "29517"]
+    launch = [sys.executable, "-m", "finetune.cli.main", "train", "--num-processes", "2", "--main-process-port", "29517"]
     proc = subprocess.run(
         [*launch, *common, "train.batch_size=8", f"train.output_dir={tmp_path / 'two'}", "eval.every_steps=2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "values were not passed" not in proc.stdout + proc.stderr  # the launcher got every setting
@@ -331,7 +360,7 @@ def write_parquet_split(folder: Path, n: int, corrupt, seed: int = 5) -> Path:
 
     import datasets
 
-    from data_tools.synthetic import generate_domain
+    from data_tools.synthetic.domains import generate_domain
 
     cols = generate_domain("target", n, image_size=32, seed=seed)
     images = []
@@ -364,8 +393,13 @@ def test_corrupt_images_are_skipped_and_counted(tiny_clip_dir, tmp_path, capsys)
     data = write_parquet_split(tmp_path / "data", 20, corrupt={i for i in range(20) if i % 5 == 0})  # 4 corrupt
     out = tmp_path / "run"
     code = train.main(
-        ["recipes/demo.yaml", *local_data_overrides(tiny_clip_dir, data, data, out), "train.max_steps=2",
-         "train.batch_size=10", "eval.ks=[1,15,16]"]
+        [
+            "recipes/demo.yaml",
+            *local_data_overrides(tiny_clip_dir, data, data, out),
+            "train.max_steps=2",
+            "train.batch_size=10",
+            "eval.ks=[1,15,16]",
+        ]
     )
     assert code == 0
     printed = capsys.readouterr().out
@@ -382,8 +416,14 @@ def test_a_batch_without_two_readable_images_is_skipped_not_fatal(tiny_clip_dir,
     eval_dir = write_parquet_split(tmp_path / "eval", 8, corrupt=set(), seed=7)
     out = tmp_path / "run"
     code = train.main(
-        ["recipes/demo.yaml", *local_data_overrides(tiny_clip_dir, train_dir, eval_dir, out), "train.max_steps=6",
-         "train.batch_size=2", "train.checkpoint_every_steps=null", "eval.zero_shot=false"]
+        [
+            "recipes/demo.yaml",
+            *local_data_overrides(tiny_clip_dir, train_dir, eval_dir, out),
+            "train.max_steps=6",
+            "train.batch_size=2",
+            "train.checkpoint_every_steps=null",
+            "eval.zero_shot=false",
+        ]
     )
     assert code == 0
     state = read_trainer_state(latest_checkpoint(out / "checkpoints"))
@@ -397,8 +437,13 @@ def test_a_training_set_with_no_readable_image_stops_with_a_clear_error(tiny_cli
     train_dir = write_parquet_split(tmp_path / "train", 8, corrupt=set(range(8)))
     eval_dir = write_parquet_split(tmp_path / "eval", 8, corrupt=set(), seed=7)
     code = train.main(
-        ["recipes/demo.yaml", *local_data_overrides(tiny_clip_dir, train_dir, eval_dir, tmp_path / "run"),
-         "train.max_steps=3", "train.batch_size=4", "eval.zero_shot=false"]
+        [
+            "recipes/demo.yaml",
+            *local_data_overrides(tiny_clip_dir, train_dir, eval_dir, tmp_path / "run"),
+            "train.max_steps=3",
+            "train.batch_size=4",
+            "eval.zero_shot=false",
+        ]
     )
     assert code == 2
     assert "data.train: a whole pass over the data had no batch with two readable images" in capsys.readouterr().err
@@ -408,15 +453,19 @@ def test_an_eval_set_with_no_readable_image_stops_with_a_clear_error(tiny_clip_d
     train_dir = write_parquet_split(tmp_path / "train", 8, corrupt=set())
     eval_dir = write_parquet_split(tmp_path / "eval", 6, corrupt=set(range(6)), seed=7)
     code = train.main(
-        ["recipes/demo.yaml", *local_data_overrides(tiny_clip_dir, train_dir, eval_dir, tmp_path / "run"),
-         "train.max_steps=1", "train.batch_size=4"]
+        [
+            "recipes/demo.yaml",
+            *local_data_overrides(tiny_clip_dir, train_dir, eval_dir, tmp_path / "run"),
+            "train.max_steps=1",
+            "train.batch_size=4",
+        ]
     )
     assert code == 2
     assert "all 6 images are unreadable" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tiny_clip_dir, tmp_path, monkeypatch, capsys):
-    from finetune.losses import ClipInfoNCE
+    from finetune.training.losses import ClipInfoNCE
 
     def nan_loss(self, *args, **kwargs):
         return {"contrastive": torch.tensor(float("nan"), requires_grad=True)}
@@ -456,16 +505,34 @@ def test_adapter_folder_is_self_contained(tiny_clip_dir, tmp_path):
     assert "7 in-batch negatives per pair" in card  # batch 8, one process
     assert (adapter / "preprocessor_config.json").is_file()
     processor = CLIPProcessor.from_pretrained(adapter)
-    assert processor.tokenizer("a red circle")["input_ids"] == CLIPProcessor.from_pretrained(tiny_clip_dir).tokenizer("a red circle")["input_ids"]
+    assert (
+        processor.tokenizer("a red circle")["input_ids"]
+        == CLIPProcessor.from_pretrained(tiny_clip_dir).tokenizer("a red circle")["input_ids"]
+    )
 
 
 def test_cpu_flag_with_several_processes_says_it_runs_one(tiny_clip_dir, tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts one process; the run must say so, not hide it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--main_process_port", "29518",
-         "finetune/train.py", "recipes/demo.yaml", *demo_overrides(tiny_clip_dir, tmp_path / "cpu", steps=1)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "29518",
+            "finetune/train.py",
+            "recipes/demo.yaml",
+            *demo_overrides(tiny_clip_dir, tmp_path / "cpu", steps=1),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "started a single process" in proc.stdout and "--multi_gpu --num_processes N" in proc.stdout
@@ -473,7 +540,7 @@ def test_cpu_flag_with_several_processes_says_it_runs_one(tiny_clip_dir, tmp_pat
 
 def test_errors_from_libraries_keep_their_traceback(tiny_clip_dir, tmp_path, monkeypatch):
     """Only the toolkit's own errors become one 'error:' line; a ValueError from below is a bug to see."""
-    from finetune.losses import ClipInfoNCE
+    from finetune.training.losses import ClipInfoNCE
 
     def broken(self, features, batch):
         raise ValueError("shape mismatch deep inside a library")
@@ -500,7 +567,7 @@ def test_truncated_captions_are_counted_and_named_at_load_time(tiny_clip_dir, tm
 
 
 def test_a_loss_with_its_own_parameter_is_optimised_and_checkpointed(tiny_clip_dir, tmp_path, monkeypatch):
-    from finetune.losses import ClipInfoNCE
+    from finetune.training.losses import ClipInfoNCE
 
     class InfoNCEWithBias(ClipInfoNCE):
         """A learned bias on the loss: stands in for any term with parameters (e.g. SigLIP's bias)."""
@@ -511,7 +578,7 @@ def test_a_loss_with_its_own_parameter_is_optimised_and_checkpointed(tiny_clip_d
 
         def forward(self, features, batch):
             terms = super().forward(features, batch)
-            terms["bias_penalty"] = self.bias ** 2
+            terms["bias_penalty"] = self.bias**2
             return terms
 
     monkeypatch.setattr(train, "build_loss", lambda cfg, train_pairs, **_: InfoNCEWithBias())
@@ -526,8 +593,8 @@ def test_a_loss_with_its_own_parameter_is_optimised_and_checkpointed(tiny_clip_d
 
 def test_load_adapted_reproduces_the_runs_adapted_numbers(tiny_clip_dir, tmp_path):
     from data_tools.loading import RetrievalSet, load_image_text_dataset
-    from finetune.evaluate import evaluate_retrieval
-    from finetune.model import load_adapted
+    from finetune.evaluation.evaluate import evaluate_retrieval
+    from finetune.models.adapter import load_adapted
 
     out = tmp_path / "run"
     assert train.main(["recipes/demo.yaml", *demo_overrides(tiny_clip_dir, out, steps=3), "model.train_logit_scale=true"]) == 0
@@ -595,10 +662,14 @@ def test_two_processes_with_the_cached_step_equal_one_process_with_the_full_batc
         "data.num_workers=0",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "finetune.cli", "train", "--num-processes", "2", "--main-process-port", "29518"]
+    launch = [sys.executable, "-m", "finetune.cli.main", "train", "--num-processes", "2", "--main-process-port", "29518"]
     proc = subprocess.run(
         [*launch, *common, "train.batch_size=8", "train.micro_batch_size=3", f"train.output_dir={tmp_path / 'two'}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert train.main([*common, "train.batch_size=16", f"train.output_dir={tmp_path / 'one'}"]) == 0
@@ -611,7 +682,12 @@ def test_two_processes_with_the_cached_step_equal_one_process_with_the_full_batc
 def test_the_preresized_cache_trains_to_the_same_weights(tiny_clip_dir, roco_like_dir, tmp_path):
     for name, cached in (("plain", "false"), ("cached", "true")):
         overrides = [*hub_standin_overrides(tiny_clip_dir, roco_like_dir, tmp_path / name, steps=2), *SMALL]
-        assert train.main(["recipes/medical.yaml", *overrides, "eval.zero_shot=false", "data.max_text_length=32", f"data.cache_preprocessed={cached}"]) == 0
+        assert (
+            train.main(
+                ["recipes/medical.yaml", *overrides, "eval.zero_shot=false", "data.max_text_length=32", f"data.cache_preprocessed={cached}"]
+            )
+            == 0
+        )
     plain, cached = trainable_tensors(tmp_path / "plain"), trainable_tensors(tmp_path / "cached")
     for name in plain:
         torch.testing.assert_close(cached[name], plain[name], rtol=0, atol=0, msg=name)

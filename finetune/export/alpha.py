@@ -1,6 +1,6 @@
 """Pick the adapter scale from an alpha sweep: target gain against source retention.
 
-`results` are named rows as finetune/report.py takes them: ``{"alpha=0.5": {set: {direction: {metric}}}}``.
+`results` are named rows as finetune/evaluation/report.py takes them: ``{"alpha=0.5": {set: {direction: {metric}}}}``.
 The rule (recipe `export:` section): the alpha with the best target `select_metric` in
 `select_direction` whose source score stays >= `min_source_retention` x the alpha=0 (zero-shot) source
 score. alpha=0 is the reference, never a candidate: it always keeps 100% of the source but ships the
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from finetune.export.merge import ExportError
+from finetune.errors import ExportError
 from finetune.io import atomic_open
 
 
@@ -62,7 +62,9 @@ def choose_alpha(
         best = max(ok, key=lambda r: (r["target"], -r["alpha"]))
         reason = (
             f"best {what} ({best['target']:.2f}) among alphas keeping source {direction} {metric} >= "
-            f"{min_source_retention:.0%} of zero-shot ({base_source:.2f})" if has_source else f"best {what} (no source set)"
+            f"{min_source_retention:.0%} of zero-shot ({base_source:.2f})"
+            if has_source
+            else f"best {what} (no source set)"
         )
         return AlphaChoice(best["alpha"], reason, rows)
     table = format_alpha_table(rows, direction, metric)

@@ -18,8 +18,20 @@ from pathlib import Path
 
 import torch
 
-from finetune.export.alpha import alpha_name, choose_alpha, format_alpha_table, save_alpha_curve
-from finetune.export.merge import ExportError, load_run_for_export, merge_at_alpha, read_manifest, save_export
+from finetune.errors import ExportError
+from finetune.evaluation.report import format_results_table, write_results
+from finetune.export.alpha import (
+    alpha_name,
+    choose_alpha,
+    format_alpha_table,
+    save_alpha_curve,
+)
+from finetune.export.merge import (
+    load_run_for_export,
+    merge_at_alpha,
+    read_manifest,
+    save_export,
+)
 from finetune.export.quantize import (
     embedding_throughput,
     quality_gate,
@@ -28,7 +40,6 @@ from finetune.export.quantize import (
     state_bytes,
 )
 from finetune.io import atomic_write_text
-from finetune.report import format_results_table, write_results
 
 FORMAT = "domainclip-export/1"
 INT8_METHOD = "torch.ao.quantization.quantize_dynamic(nn.Linear, per-channel qint8), applied at load"
@@ -41,7 +52,7 @@ def load_eval_sets(cfg) -> dict:
     language set stands in as the target the alpha rule and the quality gate read, and says so.
     """
     from data_tools.loading import RetrievalSet, load_image_text_dataset
-    from finetune.train import dataset_arguments
+    from finetune.config.specs import dataset_arguments
 
     target = cfg.data.eval.target
     if target is None:
@@ -54,13 +65,13 @@ def load_eval_sets(cfg) -> dict:
     if cfg.data.eval.source is not None:
         specs["source"] = cfg.data.eval.source
     return {
-        name: RetrievalSet.from_pairs(load_image_text_dataset(key=f"data.eval.{name}", **dataset_arguments(spec)))
+        name: RetrievalSet.from_pairs(load_image_text_dataset(key=f"data.eval.{name}", **dataset_arguments(spec, cfg.train.seed)))
         for name, spec in specs.items()
     }
 
 
 def text_limit(cfg, model) -> int:
-    from finetune.towers import model_layout
+    from finetune.models.towers import model_layout
 
     return cfg.data.max_text_length or model_layout(model).text_position_limit
 
@@ -81,7 +92,7 @@ def export_run(
     `onnx` adds the fp32 towers as ONNX graphs (finetune/export/onnx.py), `onnx_int8` also their
     onnxruntime int8 copies (implies `onnx`); both are exported from the fp32 merged model whatever `dtype` is.
     """
-    from finetune.evaluate import evaluate_retrieval
+    from finetune.evaluation.evaluate import evaluate_retrieval
 
     if alpha is not None and alpha_sweep is not None:
         raise ExportError("give --alpha or --alpha-sweep, not both")
@@ -104,8 +115,12 @@ def export_run(
         for a in alphas:
             sweep_results[alpha_name(a)] = evaluate(merge_at_alpha(peft_model, a, base_logit_scale=base_scale), eval_sets, alpha_name(a))
         choice = choose_alpha(
-            sweep_results, alphas, direction=ex.select_direction, metric=ex.select_metric,
-            min_source_retention=ex.min_source_retention, if_none=ex.if_no_alpha_qualifies,
+            sweep_results,
+            alphas,
+            direction=ex.select_direction,
+            metric=ex.select_metric,
+            min_source_retention=ex.min_source_retention,
+            if_none=ex.if_no_alpha_qualifies,
         )
         alpha = choice.alpha
         sweep = dict(results=sweep_results, choice=choice)
@@ -129,8 +144,12 @@ def export_run(
     }
     if sweep:
         manifest["alpha_rule"] = {
-            "direction": ex.select_direction, "metric": ex.select_metric, "min_source_retention": ex.min_source_retention,
-            "if_no_alpha_qualifies": ex.if_no_alpha_qualifies, "reason": sweep["choice"].reason, "rows": sweep["choice"].rows,
+            "direction": ex.select_direction,
+            "metric": ex.select_metric,
+            "min_source_retention": ex.min_source_retention,
+            "if_no_alpha_qualifies": ex.if_no_alpha_qualifies,
+            "reason": sweep["choice"].reason,
+            "rows": sweep["choice"].rows,
         }
 
     to_save = merged
@@ -144,9 +163,13 @@ def export_run(
             "max_r1_drop": ex.max_r1_drop,
             "r1_drop_points": drops,
             "r_at_k_delta_points": {
-                d: {m: float(results[dtype]["target"][d][m]) - float(fp32_results["target"][d][m])
-                    for m in fp32_results["target"][d] if m.startswith("R@")}
-                for d in ("t2i", "i2t") if d in fp32_results["target"]
+                d: {
+                    m: float(results[dtype]["target"][d][m]) - float(fp32_results["target"][d][m])
+                    for m in fp32_results["target"][d]
+                    if m.startswith("R@")
+                }
+                for d in ("t2i", "i2t")
+                if d in fp32_results["target"]
             },
             "throughput": speed,
             "throughput_ratio_vs_fp32": {
@@ -156,8 +179,11 @@ def export_run(
             "state_bytes": {"fp32": state_bytes(merged), dtype: state_bytes(candidate)},
             "threads": torch.get_num_threads(),
         }
-        log(f"Quality gate passed: {dtype} vs fp32 target R@1 " + ", ".join(f"{d} {-v:+.2f}" for d, v in drops.items())
-            + f" points (largest drop allowed: {ex.max_r1_drop})")
+        log(
+            f"Quality gate passed: {dtype} vs fp32 target R@1 "
+            + ", ".join(f"{d} {-v:+.2f}" for d, v in drops.items())
+            + f" points (largest drop allowed: {ex.max_r1_drop})"
+        )
         if dtype != "int8":
             to_save = candidate  # fp16 / bf16 are saved in their dtype; int8 is quantized at load
     extra_dirs = {}
@@ -168,8 +194,16 @@ def export_run(
         remove_tree(staging)
         try:
             manifest["onnx"], onnx_results = build_onnx(
-                merged, processor, eval_sets["target"], staging, max_text_length=max_len, batch_size=cfg.eval.batch_size,
-                int8=onnx_int8, max_r1_drop=ex.max_r1_drop, ks=tuple(cfg.eval.ks), log=log,
+                merged,
+                processor,
+                eval_sets["target"],
+                staging,
+                max_text_length=max_len,
+                batch_size=cfg.eval.batch_size,
+                int8=onnx_int8,
+                max_r1_drop=ex.max_r1_drop,
+                ks=tuple(cfg.eval.ks),
+                log=log,
             )
         except BaseException:
             remove_tree(staging)
@@ -204,18 +238,23 @@ def write_export_reports(out: Path, run_dir, results: dict, sweep: dict | None, 
         choice = sweep["choice"]
         atomic_write_text(
             folder / "alpha_table.md",
-            format_alpha_table(choice.rows, ex.select_direction, ex.select_metric) + f"\n\nChosen alpha={choice.alpha:g}: {choice.reason}\n",
+            format_alpha_table(choice.rows, ex.select_direction, ex.select_metric)
+            + f"\n\nChosen alpha={choice.alpha:g}: {choice.reason}\n",
         )
         save_alpha_curve(
-            choice.rows, choice.alpha, ex.select_direction, ex.select_metric, folder / "alpha_curve.png",
+            choice.rows,
+            choice.alpha,
+            ex.select_direction,
+            ex.select_metric,
+            folder / "alpha_curve.png",
             min_source_retention=ex.min_source_retention,
         )
 
 
 def measure_throughput(models: dict, processor, rset, max_len: int, n: int = 256) -> dict:
     """Embedding throughput of each model on the same batch of target images and captions, side by side."""
+    from data_tools.collate import encode_captions, preprocess_images
     from data_tools.loading import decode_image
-    from finetune.collate import encode_captions, preprocess_images
 
     images = [decode_image(rset.images[i]) for i in range(min(n, rset.num_images))]
     pixels = preprocess_images(processor, [im for im in images if im is not None])
@@ -226,7 +265,7 @@ def measure_throughput(models: dict, processor, rset, max_len: int, n: int = 256
 
 def load_export(export_dir: str | os.PathLike):
     """(model in eval mode, processor, manifest) of an export folder, in the dtype its manifest names."""
-    from finetune.model import load_model
+    from finetune.models.load import load_model
 
     manifest = read_manifest(export_dir)
     if manifest.get("format") != FORMAT:

@@ -21,16 +21,13 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
+from finetune.errors import ExportError
 from finetune.io import atomic_write_text
-from finetune.model import save_processor
-from finetune.towers import model_layout, unwrap
+from finetune.models.load import save_processor
+from finetune.models.towers import embedding_dim, model_layout
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
-
-
-class ExportError(RuntimeError):
-    """An export cannot be produced as asked (bad alpha, no alpha meets the rule, unreadable folder)."""
 
 
 def merge_at_alpha(peft_model, alpha: float, *, base_logit_scale: torch.Tensor | None = None) -> nn.Module:
@@ -69,8 +66,9 @@ def merge_at_alpha(peft_model, alpha: float, *, base_logit_scale: torch.Tensor |
 
 def load_run_for_export(run_dir: str | os.PathLike):
     """(peft model, processor, resolved config, base logit scale or None) of a finished run."""
-    from finetune.config import load_resolved_config
-    from finetune.model import load_adapted, load_model
+    from finetune.config.load import load_resolved_config
+    from finetune.models.adapter import load_adapted
+    from finetune.models.load import load_model
 
     cfg = load_resolved_config(Path(run_dir) / "config.yaml")
     model, processor = load_adapted(run_dir)
@@ -90,9 +88,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def save_export(
-    model: nn.Module, processor, cfg, out_dir: str | os.PathLike, manifest: dict, *, extra_dirs: dict | None = None
-) -> Path:
+def save_export(model: nn.Module, processor, cfg, out_dir: str | os.PathLike, manifest: dict, *, extra_dirs: dict | None = None) -> Path:
     """Write model (safetensors) + processor + resolved recipe + manifest.json into `out_dir`.
 
     `extra_dirs` ({name: folder}) are moved into the export under `name` (the ONNX towers: `onnx/`).
@@ -100,7 +96,7 @@ def save_export(
     The folder is assembled under a temporary name beside `out_dir` and renamed into place, so an
     interrupted export never leaves a folder that looks complete. An existing `out_dir` is replaced.
     """
-    from finetune.config import save_config
+    from finetune.config.load import save_config
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -131,11 +127,6 @@ def save_export(
     else:
         tmp.rename(out)
     return out
-
-
-def embedding_dim(model: nn.Module) -> int:
-    projection = unwrap(model).get_submodule(model_layout(model).towers["vision"].projection)
-    return int(projection.out_features)
 
 
 def read_manifest(export_dir: str | os.PathLike) -> dict:

@@ -11,7 +11,7 @@ Exporter: torch's default `torch.onnx.export(..., dynamo=True)` (torch.export + 
 both towers of both architectures in the model table (CLIPModel, VisionTextDualEncoderModel with an
 XLM-R text tower) with a dynamic batch axis and a dynamic sequence axis, so the TorchScript exporter
 (`dynamo=False`, deprecated since torch 2.9) is not needed. The towers are reached through
-`finetune.towers.image_features` / `text_features`, as everywhere else; the graph is traced at the
+`finetune.models.towers.image_features` / `text_features`, as everywhere else; the graph is traced at the
 export's image size (the processor's), so it reads images as the processor prepares them.
 
 int8: `onnxruntime.quantization.quantize_dynamic`, int8 weights with one scale per output channel,
@@ -35,8 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.export.merge import ExportError, file_sha256, read_manifest
-from finetune.export.quantize import QualityGateError, r1_drops
+from finetune.errors import ExportError, OnnxParityError
+from finetune.export.merge import file_sha256, read_manifest
+from finetune.export.quantize import r1_drops
+from finetune.timing import side_by_side
 
 ONNX_DIR = "onnx"
 TOWER_FILES = {"image": "image.onnx", "text": "text.onnx"}
@@ -51,10 +53,6 @@ INT8_METHOD = "onnxruntime.quantization.quantize_dynamic(QInt8 weights, per_chan
 EXTERNAL_DATA_BYTES = 1_500_000_000
 
 
-class OnnxParityError(QualityGateError):
-    """An ONNX graph does not reproduce the PyTorch embeddings (or its int8 copy loses too much R@1)."""
-
-
 # ----------------------------------------------------------------------------- the towers as modules
 
 
@@ -66,7 +64,7 @@ class ImageTower(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        from finetune.towers import image_features
+        from finetune.models.towers import image_features
 
         return F.normalize(image_features(self.model, pixel_values), dim=-1)
 
@@ -79,7 +77,7 @@ class TextTower(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        from finetune.towers import text_features
+        from finetune.models.towers import text_features
 
         return F.normalize(text_features(self.model, input_ids, attention_mask), dim=-1)
 
@@ -111,8 +109,9 @@ def export_towers(model: nn.Module, processor, out_dir: str | os.PathLike, *, op
     The example inputs only fix what is static (channels, image size); batch and sequence length are
     exported as dynamic dimensions `batch` and `sequence`.
     """
-    from finetune.collate import encode_captions, preprocess_images
     from PIL import Image
+
+    from data_tools.collate import encode_captions, preprocess_images
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,15 +123,24 @@ def export_towers(model: nn.Module, processor, out_dir: str | os.PathLike, *, op
     towers = {
         "image": (ImageTower(model).eval(), (pixels,), IMAGE_INPUTS, ({0: batch},)),
         "text": (
-            TextTower(model).eval(), (tokens["input_ids"], tokens["attention_mask"]), TEXT_INPUTS,
+            TextTower(model).eval(),
+            (tokens["input_ids"], tokens["attention_mask"]),
+            TEXT_INPUTS,
             ({0: batch, 1: sequence}, {0: batch, 1: sequence}),
         ),
     }
     with _quiet_exporter(), torch.no_grad():
         for name, (module, args, inputs, dynamic) in towers.items():
             torch.onnx.export(
-                module, args, str(out / TOWER_FILES[name]), input_names=list(inputs), output_names=[OUTPUTS[name]],
-                dynamic_shapes=dynamic, opset_version=opset, dynamo=True, verbose=False,
+                module,
+                args,
+                str(out / TOWER_FILES[name]),
+                input_names=list(inputs),
+                output_names=[OUTPUTS[name]],
+                dynamic_shapes=dynamic,
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
                 external_data=_parameter_bytes(model) > EXTERNAL_DATA_BYTES,
             )
     return dict(TOWER_FILES)
@@ -147,7 +155,10 @@ def quantize_towers_int8(onnx_dir: str | os.PathLike) -> dict:
         for name, fp32 in TOWER_FILES.items():
             src = onnx_dir / fp32
             quantize_dynamic(
-                src, onnx_dir / INT8_FILES[name], weight_type=QuantType.QInt8, per_channel=True,
+                src,
+                onnx_dir / INT8_FILES[name],
+                weight_type=QuantType.QInt8,
+                per_channel=True,
                 use_external_data_format=(onnx_dir / f"{fp32}.data").exists(),
             )
     return dict(INT8_FILES)
@@ -227,7 +238,7 @@ def default_threads() -> int:
 class OnnxEmbedder:
     """Embeds captions and images with an export's ONNX towers through onnxruntime.
 
-    Tokenises (`finetune.collate.encode_captions`, the export's `max_text_length`) and preprocesses
+    Tokenises (`data_tools.collate.encode_captions`, the export's `max_text_length`) and preprocesses
     (`preprocess_images`, the export's processor) exactly as the PyTorch path does.
 
     Args:
@@ -240,10 +251,17 @@ class OnnxEmbedder:
         batch_size: images or captions per session call.
     """
 
-    def __init__(self, export_dir: str | os.PathLike, *, quantized: bool = False, num_threads: int | None = None,
-                 device: str = "cpu", batch_size: int = 64):
-        from finetune.model import load_model_config
-        from finetune.towers import architecture_for
+    def __init__(
+        self,
+        export_dir: str | os.PathLike,
+        *,
+        quantized: bool = False,
+        num_threads: int | None = None,
+        device: str = "cpu",
+        batch_size: int = 64,
+    ):
+        from finetune.models.load import load_model_config
+        from finetune.models.towers import architecture_for
 
         self.export_dir = Path(export_dir)
         manifest = read_manifest(self.export_dir)
@@ -277,7 +295,7 @@ class OnnxEmbedder:
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """(N, D) float32, L2-normalised."""
-        from finetune.collate import encode_captions
+        from data_tools.collate import encode_captions
 
         parts = [np.zeros((0, self.embedding_dim), dtype=np.float32)]
         for start in range(0, len(texts), self.batch_size):
@@ -287,7 +305,7 @@ class OnnxEmbedder:
 
     def embed_images(self, images: list) -> np.ndarray:
         """(N, D) float32, L2-normalised; `images` are PIL images."""
-        from finetune.collate import preprocess_images
+        from data_tools.collate import preprocess_images
 
         parts = [np.zeros((0, self.embedding_dim), dtype=np.float32)]
         for start in range(0, len(images), self.batch_size):
@@ -297,14 +315,14 @@ class OnnxEmbedder:
 
 
 class TorchEmbedder:
-    """The PyTorch reference with OnnxEmbedder's interface: same preprocessing, `finetune.towers` forward."""
+    """The PyTorch reference with OnnxEmbedder's interface: same preprocessing, `finetune.models.towers` forward."""
 
     def __init__(self, model: nn.Module, processor, max_text_length: int, batch_size: int = 64):
         self.model, self.processor, self.max_text_length, self.batch_size = model.eval(), processor, max_text_length, batch_size
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        from finetune.collate import encode_captions
+        from data_tools.collate import encode_captions
 
         tower = TextTower(self.model)
         parts = []
@@ -315,7 +333,7 @@ class TorchEmbedder:
 
     @torch.no_grad()
     def embed_images(self, images: list) -> np.ndarray:
-        from finetune.collate import preprocess_images
+        from data_tools.collate import preprocess_images
 
         tower = ImageTower(self.model)
         parts = []
@@ -332,7 +350,7 @@ def embed_set(embedders: dict, rset, batch_size: int) -> dict:
 
     Images are decoded one batch at a time (never the whole set in memory) and each batch goes to every
     embedder; unreadable images are dropped with their captions, and each distinct caption text is
-    embedded once, as `finetune.evaluate` does.
+    embedded once, as `finetune.evaluation.evaluate` does.
 
     Returns:
         {"images": {name: (N_img, D)}, "texts": {name: (N_distinct, D)}, "distinct": [str] (N_distinct,),
@@ -384,8 +402,10 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def cosine_summary(image_cos: np.ndarray, text_cos: np.ndarray) -> dict:
     return {
-        "image_min_cosine": float(image_cos.min()), "image_mean_cosine": float(image_cos.mean()),
-        "text_min_cosine": float(text_cos.min()), "text_mean_cosine": float(text_cos.mean()),
+        "image_min_cosine": float(image_cos.min()),
+        "image_mean_cosine": float(image_cos.mean()),
+        "text_min_cosine": float(text_cos.min()),
+        "text_mean_cosine": float(text_cos.mean()),
         "min_cosine": float(min(image_cos.min(), text_cos.min())),
     }
 
@@ -449,7 +469,7 @@ def build_onnx(
     Returns:
         (the manifest's "onnx" entry, {"onnx_fp32": results, "onnx_int8": results} on the target set).
     """
-    from finetune.metrics import retrieval_metrics
+    from finetune.evaluation.metrics import retrieval_metrics
 
     onnx_dir = Path(onnx_dir)
     started = time.perf_counter()
@@ -491,8 +511,10 @@ def build_onnx(
             + ", ".join(f"{d} {v:+.2f}" for d, v in parity["int8"]["r1_delta_points_vs_pytorch_fp32"].items())
             + f" points (largest drop allowed: {max_r1_drop}); min cosine {parity['int8']['min_cosine']:.4f}"
         )
-    log(f"ONNX parity passed: fp32 graphs vs PyTorch, min cosine {parity['fp32']['min_cosine']:.6f} over "
-        f"{len(ref_images)} images and {len(distinct)} captions (floor {min_cosine})")
+    log(
+        f"ONNX parity passed: fp32 graphs vs PyTorch, min cosine {parity['fp32']['min_cosine']:.6f} over "
+        f"{len(ref_images)} images and {len(distinct)} captions (floor {min_cosine})"
+    )
 
     speed = onnx_throughput(model, processor, emb["sample_images"], distinct[:256], onnx_dir, towers, max_text_length, threads)
     entry = {
@@ -501,12 +523,14 @@ def build_onnx(
         "opset": graph_opset(onnx_dir / TOWER_FILES["image"]),
         "inputs": {"image": list(IMAGE_INPUTS), "text": list(TEXT_INPUTS)},
         "outputs": dict(OUTPUTS),
-        "dynamic_axes": {"pixel_values": {"0": "batch"}, "input_ids": {"0": "batch", "1": "sequence"},
-                         "attention_mask": {"0": "batch", "1": "sequence"}},
+        "dynamic_axes": {
+            "pixel_values": {"0": "batch"},
+            "input_ids": {"0": "batch", "1": "sequence"},
+            "attention_mask": {"0": "batch", "1": "sequence"},
+        },
         "output_normalised": True,
         "files": {kind: {n: _file_entry(onnx_dir, f) for n, f in files.items()} for kind, files in towers.items()},
-        "parity": {"eval_set": "target", "images": len(ref_images), "captions": len(distinct), "min_cosine_required": min_cosine,
-                   **parity},
+        "parity": {"eval_set": "target", "images": len(ref_images), "captions": len(distinct), "min_cosine_required": min_cosine, **parity},
         "threads": threads,
         "throughput": speed,
         "export_seconds": round(export_seconds, 2),
@@ -528,11 +552,12 @@ class _DirEmbedder(OnnxEmbedder):
 # ----------------------------------------------------------------------------- throughput
 
 
-def onnx_throughput(model, processor, images: list, captions: list[str], onnx_dir, towers: dict, max_text_length: int,
-                    threads: int, *, repeats: int = 5) -> dict:
+def onnx_throughput(
+    model, processor, images: list, captions: list[str], onnx_dir, towers: dict, max_text_length: int, threads: int, *, repeats: int = 5
+) -> dict:
     """Images/s and captions/s of PyTorch fp32 and each ONNX variant on the same preprocessed batch, side
     by side (each repeat times every variant in turn), with `threads` threads for all of them."""
-    from finetune.collate import encode_captions, preprocess_images
+    from data_tools.collate import encode_captions, preprocess_images
 
     pixels = preprocess_images(processor, images)  # (B, 3, H, W)
     tokens = encode_captions(processor, captions, max_text_length)
@@ -554,18 +579,11 @@ def onnx_throughput(model, processor, images: list, captions: list[str], onnx_di
 @torch.no_grad()
 def measure_side_by_side(runners: dict, n_images: int, n_captions: int, *, repeats: int) -> dict:
     """{name: {images_per_s, captions_per_s}}: medians of `repeats` timings, the variants taking turns."""
-    timings = {name: {"image": [], "text": []} for name in runners}
-    for embed_images, embed_texts in runners.values():  # warm-up: first runs allocate and pack
-        embed_images()
-        embed_texts()
-    for _ in range(repeats):
-        for name, (embed_images, embed_texts) in runners.items():
-            start = time.perf_counter()
-            embed_images()
-            timings[name]["image"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            embed_texts()
-            timings[name]["text"].append(time.perf_counter() - start)
+    fns = {}
+    for name, (embed_images, embed_texts) in runners.items():
+        fns[f"{name}/image"], fns[f"{name}/text"] = embed_images, embed_texts
+    times = side_by_side(fns, repeats=repeats)
+    timings = {name: {"image": times[f"{name}/image"], "text": times[f"{name}/text"]} for name in runners}
     return {
         name: {
             "images_per_s": round(n_images / statistics.median(t["image"]), 1),
@@ -582,7 +600,9 @@ def format_onnx_summary(entry: dict) -> str:
     for kind in entry["files"]:
         p = parity[kind]
         size = sum(f["bytes"] for f in entry["files"][kind].values())
-        r1 = ", ".join(f"{d} {p['r1_delta_points_vs_pytorch_fp32'][d]:+.2f}" for d in ("t2i", "i2t") if d in p["r1_delta_points_vs_pytorch_fp32"])
+        r1 = ", ".join(
+            f"{d} {p['r1_delta_points_vs_pytorch_fp32'][d]:+.2f}" for d in ("t2i", "i2t") if d in p["r1_delta_points_vs_pytorch_fp32"]
+        )
         s = speed[f"onnx_{kind}"]
         lines.append(
             f"ONNX {kind}: min cosine vs PyTorch image {p['image_min_cosine']:.6f} text {p['text_min_cosine']:.6f}; "

@@ -16,8 +16,11 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from finetune.config import load_resolved_config, looks_like_local_path
-from finetune.export.merge import MANIFEST, ExportError
+from finetune.config.load import load_resolved_config
+from finetune.config.schema import looks_like_local_path
+from finetune.config.specs import eval_specs
+from finetune.errors import ExportError
+from finetune.export.merge import MANIFEST
 
 DRY_RUN_FOLDER = "hub-upload"  # --dry-run's default folder inside RUN_OR_EXPORT_DIR; never uploaded itself
 DIRECTION_NAMES = {"t2i": "text-to-image retrieval", "i2t": "image-to-text retrieval"}
@@ -44,10 +47,15 @@ def _results(path: Path, kind: str) -> tuple[dict, str, str]:
 
 
 def _dataset_of(cfg, eval_set: str) -> tuple[str, str, str | None]:
-    spec = getattr(cfg.data.eval, eval_set)
+    """(dataset type, name, split) of a results row's eval set: target, source or a language code."""
+    spec = eval_specs(cfg).get(eval_set)
+    name = eval_set if eval_set in ("target", "source") else f"{eval_set} (data.eval.languages.{eval_set})"
+    if spec is None:  # a results row the recipe no longer names: keep the metric, say what is known
+        return eval_set, f"{name} eval set", None
     if spec.synthetic is not None:
-        return f"synthetic-{spec.synthetic.domain}", f"{eval_set} eval set (synthetic {spec.synthetic.domain} domain)", None
-    return spec.path, f"{eval_set} eval set ({spec.path})", spec.split
+        language = "" if eval_set in ("target", "source") else f"-{eval_set}"  # one model-index dataset per language
+        return f"synthetic-{spec.synthetic.domain}{language}", f"{name} eval set (synthetic {spec.synthetic.domain} domain)", None
+    return spec.path, f"{name} eval set ({spec.path})", spec.split
 
 
 def build_card(path: Path, repo_id: str) -> ModelCard:
@@ -63,12 +71,18 @@ def build_card(path: Path, repo_id: str) -> ModelCard:
                 for metric, value in metrics.items():
                     if not metric.startswith("R@"):
                         continue
-                    eval_results.append(EvalResult(
-                        task_type=f"{direction}-retrieval", task_name=DIRECTION_NAMES.get(direction, direction),
-                        dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=split,
-                        metric_type=f"recall@{metric[2:]}", metric_name=f"{labels[row]} {metric}",
-                        metric_value=round(float(value), 2),
-                    ))
+                    eval_results.append(
+                        EvalResult(
+                            task_type=f"{direction}-retrieval",
+                            task_name=DIRECTION_NAMES.get(direction, direction),
+                            dataset_type=dataset_type,
+                            dataset_name=dataset_name,
+                            dataset_split=split,
+                            metric_type=f"recall@{metric[2:]}",
+                            metric_name=f"{labels[row]} {metric}",
+                            metric_value=round(float(value), 2),
+                        )
+                    )
     data = ModelCardData(
         model_name=repo_id.split("/")[-1],
         # The Hub checks base_model against its repos: a local folder is named in the card's text only.
@@ -134,7 +148,9 @@ def push(path, repo_id: str, *, private: bool = False, dry_run: bool = False, st
         api = api or HfApi()  # token: HF_TOKEN or the cached login, resolved inside huggingface_hub
         url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(
-            repo_id=repo_id, folder_path=str(Path(tmp) / "upload"), repo_type="model",
+            repo_id=repo_id,
+            folder_path=str(Path(tmp) / "upload"),
+            repo_type="model",
             commit_message="Upload domainclip model",
         )
     return {"folder": None, "files": files, "url": str(url)}

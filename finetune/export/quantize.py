@@ -23,18 +23,16 @@ from __future__ import annotations
 import copy
 import io
 import statistics
-import time
 import warnings
 
 import torch
 from torch import nn
 
-DTYPES = ("fp32", "fp16", "bf16", "int8")
+from finetune.errors import QualityGateError
+from finetune.export import DTYPES
+from finetune.timing import side_by_side
+
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class QualityGateError(RuntimeError):
-    """A quantized model retrieves worse than `export.max_r1_drop` allows."""
 
 
 def quantize(model: nn.Module, dtype: str) -> nn.Module:
@@ -78,20 +76,14 @@ def embedding_throughput(
     """Images/s and captions/s per model, measured side by side: the models take turns in every repeat,
     so a neighbour's load on a shared machine hits all of them alike. Medians of `repeats` timings.
     """
-    from finetune.towers import image_features, text_features
+    from finetune.models.towers import image_features, text_features
 
-    timings: dict[str, dict[str, list[float]]] = {name: {"image": [], "text": []} for name in models}
-    for name, model in models.items():  # warm-up: first calls allocate and pack
-        image_features(model, pixel_values[:2])
-        text_features(model, input_ids[:2], attention_mask[:2])
-    for _ in range(repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            image_features(model, pixel_values)
-            timings[name]["image"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            text_features(model, input_ids, attention_mask)
-            timings[name]["text"].append(time.perf_counter() - start)
+    fns = {}
+    for name, model in models.items():
+        fns[f"{name}/image"] = lambda m=model: image_features(m, pixel_values)
+        fns[f"{name}/text"] = lambda m=model: text_features(m, input_ids, attention_mask)
+    times = side_by_side(fns, repeats=repeats)
+    timings = {name: {"image": times[f"{name}/image"], "text": times[f"{name}/text"]} for name in models}
     return {
         name: {
             "images_per_s": len(pixel_values) / statistics.median(t["image"]),
@@ -117,8 +109,7 @@ def quality_gate(reference: dict, candidate: dict, *, dtype: str, max_r1_drop: f
     failed = {d: v for d, v in drops.items() if v > max_r1_drop}
     if failed:
         detail = ", ".join(
-            f"{d} R@1 {reference['target'][d]['R@1']:.2f} -> {candidate['target'][d]['R@1']:.2f} (-{v:.2f})"
-            for d, v in failed.items()
+            f"{d} R@1 {reference['target'][d]['R@1']:.2f} -> {candidate['target'][d]['R@1']:.2f} (-{v:.2f})" for d, v in failed.items()
         )
         raise QualityGateError(
             f"quality gate: the {dtype} export loses more target R@1 than export.max_r1_drop={max_r1_drop} points "

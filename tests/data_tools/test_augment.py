@@ -28,13 +28,24 @@ from data_tools.augment import (
     sample_generator,
     swap_adjacent_words,
 )
+from data_tools.collate import ImageTextCollator
 from data_tools.sampling import EpochShuffleSampler
-from finetune.collate import ImageTextCollator
 
 OFF = ImageAugmentation(
-    crop=False, crop_scale=(0.8, 1.0), crop_ratio=(0.75, 4 / 3), flip=False, flip_p=0.5,
-    rotation=False, rotation_degrees=10.0, rotation_padding="border",
-    jitter=False, jitter_p=0.8, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.0,
+    crop=False,
+    crop_scale=(0.8, 1.0),
+    crop_ratio=(0.75, 4 / 3),
+    flip=False,
+    flip_p=0.5,
+    rotation=False,
+    rotation_degrees=10.0,
+    rotation_padding="border",
+    jitter=False,
+    jitter_p=0.8,
+    brightness=0.2,
+    contrast=0.2,
+    saturation=0.2,
+    hue=0.0,
 )
 ALL_ON = dataclasses.replace(OFF, crop=True, flip=True, rotation=True, jitter=True, hue=0.05)
 TEXT_OFF = TextAugmentation(word_dropout=0.0, word_swap=0.0, caption_templates=None)
@@ -64,8 +75,18 @@ def test_flip_with_p_0_never_flips():
 def test_identity_settings_are_exactly_the_identity():
     x = image()
     identity = dataclasses.replace(
-        OFF, crop=True, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), rotation=True, rotation_degrees=0.0,
-        jitter=True, jitter_p=1.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
+        OFF,
+        crop=True,
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        rotation=True,
+        rotation_degrees=0.0,
+        jitter=True,
+        jitter_p=1.0,
+        brightness=0.0,
+        contrast=0.0,
+        saturation=0.0,
+        hue=0.0,
     )
     for position in range(5):
         assert torch.equal(augment_image(x, identity, seed=3, epoch=1, position=position), x)
@@ -82,7 +103,9 @@ def test_crop_boxes_stay_inside_the_image_and_within_the_scale_and_ratio_bounds(
 
 
 def test_rotation_angle_and_jitter_factors_stay_within_bounds():
-    aug = dataclasses.replace(OFF, rotation=True, rotation_degrees=7.0, jitter=True, jitter_p=1.0, brightness=0.3, contrast=0.1, saturation=0.5, hue=0.02)
+    aug = dataclasses.replace(
+        OFF, rotation=True, rotation_degrees=7.0, jitter=True, jitter_p=1.0, brightness=0.3, contrast=0.1, saturation=0.5, hue=0.02
+    )
     for position in range(200):
         p = draw_image_params(32, 32, aug, seed=0, epoch=0, position=position)
         assert -7.0 <= p.angle <= 7.0
@@ -111,7 +134,10 @@ def test_switching_one_transform_on_leaves_the_others_draws_alone():
     crop_only = dataclasses.replace(OFF, crop=True)
     crop_and_jitter = dataclasses.replace(OFF, crop=True, jitter=True)
     for position in range(10):
-        assert draw_image_params(32, 32, crop_only, 0, 0, position).crop_box == draw_image_params(32, 32, crop_and_jitter, 0, 0, position).crop_box
+        assert (
+            draw_image_params(32, 32, crop_only, 0, 0, position).crop_box
+            == draw_image_params(32, 32, crop_and_jitter, 0, 0, position).crop_box
+        )
 
 
 # ----------------------------------------------------------------------------- text
@@ -166,13 +192,21 @@ def loader_parts(tiny_clip_dir):
     n = 24
     pairs = datasets.Dataset.from_dict(
         {
-            "image": [png(i) for i in range(n)], "caption": [f"a red circle number {i} upper left" for i in range(n)],
-            "image_index": list(range(n)), "source_row": list(range(n)), "image_id": [str(i) for i in range(n)],
+            "image": [png(i) for i in range(n)],
+            "caption": [f"a red circle number {i} upper left" for i in range(n)],
+            "image_index": list(range(n)),
+            "source_row": list(range(n)),
+            "image_id": [str(i) for i in range(n)],
         },
-        features=datasets.Features({
-            "image": datasets.Image(decode=False), "caption": datasets.Value("string"), "image_index": datasets.Value("int64"),
-            "source_row": datasets.Value("int64"), "image_id": datasets.Value("string"),
-        }),
+        features=datasets.Features(
+            {
+                "image": datasets.Image(decode=False),
+                "caption": datasets.Value("string"),
+                "image_index": datasets.Value("int64"),
+                "source_row": datasets.Value("int64"),
+                "image_id": datasets.Value("string"),
+            }
+        ),
     )
     processor = CLIPProcessor.from_pretrained(tiny_clip_dir)
     return pairs, processor
@@ -183,7 +217,10 @@ def augmented_loader(pairs, processor, num_workers: int, epoch: int = 0) -> Data
     sampler = PositionKeys(EpochShuffleSampler(len(pairs), seed=7))
     sampler.epoch = epoch
     return DataLoader(
-        AugmentedRows(pairs, 7, text), batch_size=4, sampler=sampler, num_workers=num_workers,
+        AugmentedRows(pairs, 7, text),
+        batch_size=4,
+        sampler=sampler,
+        num_workers=num_workers,
         collate_fn=ImageTextCollator(processor, 16, augment=ALL_ON, augment_seed=7),
     )
 

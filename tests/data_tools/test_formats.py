@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from data_tools.loading import DataLoadError, decode_image, load_image_text_dataset
-from data_tools.synthetic import generate_domain
+from data_tools.loading import decode_image, load_image_text_dataset
+from data_tools.synthetic.domains import generate_domain
+from finetune.errors import DataLoadError
 
 
 @pytest.fixture()
@@ -28,7 +29,9 @@ def test_csv_with_relative_paths_and_two_caption_columns(image_folder, tmp_path)
         writer.writerow(["file", "short", "long", "kind"])
         for i in range(10):
             writer.writerow([f"imgs/{i}.png", f"short {i}", f"long caption {i}" if i != 3 else "", cols["label"][i]])
-    pairs = load_image_text_dataset(key="data.train", path=str(table), image_column="file", caption_column=["short", "long"], label_column="kind")
+    pairs = load_image_text_dataset(
+        key="data.train", path=str(table), image_column="file", caption_column=["short", "long"], label_column="kind"
+    )
     assert len(pairs) == 19  # 10 short + 9 non-empty long captions
     assert pairs["caption"][:2] == ["short 0", "long caption 0"] and pairs["image_index"][:2] == [0, 0]
     assert decode_image(pairs[0]["image"]).size == (32, 32)  # the relative path was read from the table's folder

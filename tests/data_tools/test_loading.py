@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 
 from data_tools.loading import (
-    DataLoadError,
     RetrievalSet,
     decode_image,
     is_hub_lookup,
@@ -21,7 +20,8 @@ from data_tools.loading import (
     offline_note,
     quiet_datasets,
 )
-from data_tools.synthetic import generate_domain
+from data_tools.synthetic.domains import generate_domain
+from finetune.errors import DataLoadError
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -101,9 +101,7 @@ def test_max_samples_keeps_first_rows():
 
 
 def test_roco_like_parquet_folder(roco_like_dir):
-    ds = load_image_text_dataset(
-        key="data.eval.target", path=str(roco_like_dir), split="validation", image_id_column="image_id"
-    )
+    ds = load_image_text_dataset(key="data.eval.target", path=str(roco_like_dir), split="validation", image_id_column="image_id")
     assert len(ds) == 16
     assert ds.column_names == ["image", "caption", "image_index", "source_row", "image_id"]
     assert ds["image_index"][:] == list(range(16))  # unique ids: one image per row, in order
@@ -172,8 +170,7 @@ def test_several_missing_columns_are_all_reported(fashion_like_dir):
     assert "; data.eval.target.label_column: column 'category' not in" in message
     assert "image_id_column" not in message  # `id` exists
     assert message.endswith(
-        "Columns there: id, gender, masterCategory, subCategory, articleType, baseColour, season, year, usage, "
-        "productDisplayName, image"
+        "Columns there: id, gender, masterCategory, subCategory, articleType, baseColour, season, year, usage, productDisplayName, image"
     )
 
 
@@ -211,9 +208,7 @@ def test_unknown_hub_id_offline_names_key_and_says_offline(offline):
     with pytest.raises(DataLoadError) as info:
         load_image_text_dataset(key="data.eval.target", path="nobody-xyz/no-such-dataset-123", split="validation")
     message = str(info.value)
-    assert message.startswith(
-        "data.eval.target.path: could not load dataset 'nobody-xyz/no-such-dataset-123' (split 'validation'): "
-    )
+    assert message.startswith("data.eval.target.path: could not load dataset 'nobody-xyz/no-such-dataset-123' (split 'validation'): ")
     assert "The machine is offline (HF_HUB_OFFLINE is set)" in message
     assert isinstance(info.value.__cause__, Exception)
 
@@ -386,9 +381,7 @@ def test_list_captions_are_exploded_and_empty_ones_dropped(tmp_path, four_images
 
 
 def test_empty_string_captions_are_dropped(tmp_path, four_images):
-    file = write_parquet(
-        tmp_path / "strings.parquet", four_images, ["first", "", "   ", "fourth"], datasets.Value("string")
-    )
+    file = write_parquet(tmp_path / "strings.parquet", four_images, ["first", "", "   ", "fourth"], datasets.Value("string"))
     ds = load_image_text_dataset(key="data.train", path="parquet", data_files={"train": file})
     assert ds["caption"][:] == ["first", "fourth"]
     assert len(set(ds["image_index"])) == 2
@@ -408,9 +401,7 @@ def test_shared_image_ids_group_rows(tmp_path, four_images):
             "caption": ["a0", "b0", "a1", "c0", "b1"],
             "img_id": ["z", "y", "z", "x", "y"],
         },
-        features=datasets.Features(
-            {"image": datasets.Image(), "caption": datasets.Value("string"), "img_id": datasets.Value("string")}
-        ),
+        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"), "img_id": datasets.Value("string")}),
     )
     ds.to_parquet(str(tmp_path / "grouped.parquet"))
     out = load_image_text_dataset(

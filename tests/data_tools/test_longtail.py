@@ -8,7 +8,6 @@ from collections import Counter
 
 import datasets
 import pytest
-import torch
 
 from data_tools.class_weights import class_weights
 from data_tools.mixing import concatenate_training_sets

@@ -25,8 +25,15 @@ from data_tools.sampling import ClassPowerSampler, EpochShuffleSampler, MixtureS
 
 def settings(**changes) -> MiningSettings:
     base = dict(
-        negatives_per_anchor=2, rank_min=1, rank_max=8, absolute_margin=0.0, relative_margin=0.0,
-        near_duplicate_threshold=0.98, sampling="top", directions=("t2i", "i2t"), seed=0,
+        negatives_per_anchor=2,
+        rank_min=1,
+        rank_max=8,
+        absolute_margin=0.0,
+        relative_margin=0.0,
+        near_duplicate_threshold=0.98,
+        sampling="top",
+        directions=("t2i", "i2t"),
+        seed=0,
     )
     return MiningSettings(**{**base, **changes})
 
@@ -98,7 +105,9 @@ def test_without_labels_the_same_label_guard_never_fires():
 
 def test_margins_and_the_rank_window_on_a_hand_example():
     def kept(**changes) -> list[str]:
-        r = mine_hard_negatives(**planted(), settings=settings(negatives_per_anchor=8, directions=("t2i",), **changes), anchors=np.array([0]))
+        r = mine_hard_negatives(
+            **planted(), settings=settings(negatives_per_anchor=8, directions=("t2i",), **changes), anchors=np.array([0])
+        )
         return r.rows["negative_image_id"].tolist()
 
     assert kept() == ["img5", "img6", "img7"]
@@ -122,10 +131,18 @@ def test_a_negative_positive_score_keeps_the_relative_margin_below_it():
     image = unit(np.stack([e[0], -e[0] - 0.5 * e[1], -e[1], e[0] - e[1]]))
     text = unit(np.stack([-0.3 * e[0] + e[1], e[1], e[2], e[3]]))
     data = dict(
-        image_emb=image, text_emb=text, text_to_image=np.arange(4), pair_rows=np.arange(4), image_ids=list("abcd"),
-        captions=list("pqrs"), image_labels=None, image_hashes=list("wxyz"),
+        image_emb=image,
+        text_emb=text,
+        text_to_image=np.arange(4),
+        pair_rows=np.arange(4),
+        image_ids=list("abcd"),
+        captions=list("pqrs"),
+        image_labels=None,
+        image_hashes=list("wxyz"),
     )
-    r = mine_hard_negatives(**data, settings=settings(relative_margin=0.5, negatives_per_anchor=4, directions=("t2i",)), anchors=np.array([0]))
+    r = mine_hard_negatives(
+        **data, settings=settings(relative_margin=0.5, negatives_per_anchor=4, directions=("t2i",)), anchors=np.array([0])
+    )
     pos = float(r.rows["positive_score"][0])
     assert pos == pytest.approx(-0.3 / np.sqrt(1.09), abs=1e-5)
     # kept: score <= pos - 0.5 |pos| = -0.43: images c (-0.958) and d (-0.88); b (-0.171) sits above the positive's
@@ -141,9 +158,14 @@ def clustered(n_img=240, seed=0, labels=True):
     t2i = np.repeat(np.arange(n_img), 2)
     text = unit(image[t2i] + 0.4 * rng.normal(size=(len(t2i), 16)))
     return dict(
-        image_emb=image, text_emb=text, text_to_image=t2i, pair_rows=np.arange(len(t2i)),
-        image_ids=[str(i) for i in range(n_img)], captions=[f"caption {i}" for i in range(len(t2i))],
-        image_labels=[str(i % 5) for i in range(n_img)] if labels else None, image_hashes=[f"h{i}" for i in range(n_img)],
+        image_emb=image,
+        text_emb=text,
+        text_to_image=t2i,
+        pair_rows=np.arange(len(t2i)),
+        image_ids=[str(i) for i in range(n_img)],
+        captions=[f"caption {i}" for i in range(len(t2i))],
+        image_labels=[str(i % 5) for i in range(n_img)] if labels else None,
+        image_hashes=[f"h{i}" for i in range(n_img)],
     )
 
 
@@ -166,6 +188,7 @@ def test_top_keeps_the_best_and_random_draws_among_the_eligible_reproducibly():
     eligible = {}
     for a, n, rank in zip(everything.rows["anchor_row"], everything.rows["negative_row"], everything.rows["rank"]):
         eligible.setdefault(int(a), []).append((int(rank), int(n)))
+
     def by_anchor(result) -> dict[int, list[int]]:
         table: dict[int, list[int]] = {}
         for a, n in zip(result.rows["anchor_row"], result.rows["negative_row"]):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer, XLMRobertaConfig
 
-from data_tools.loading import DataLoadError, load_image_text_dataset
+from data_tools.loading import load_image_text_dataset
 from data_tools.multilingual import (
     SYNTHETIC_LANGUAGES,
     all_multilingual_caption_text,
@@ -21,7 +21,8 @@ from data_tools.multilingual import (
     train_xlmr_tokenizer,
     translate_source_caption,
 )
-from data_tools.synthetic import generate_domain
+from data_tools.synthetic.domains import generate_domain
+from finetune.errors import DataLoadError
 
 ROOT = Path(__file__).resolve().parents[2]
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -61,9 +62,7 @@ def test_a_language_eval_set_has_the_english_sets_images_and_translated_captions
 
 
 def test_loader_builds_per_language_sets_through_the_recipe_path():
-    pairs = load_image_text_dataset(
-        key="data.eval.languages.es", synthetic=dict(domain="source", num_images=4, seed=1, languages=["es"])
-    )
+    pairs = load_image_text_dataset(key="data.eval.languages.es", synthetic=dict(domain="source", num_images=4, seed=1, languages=["es"]))
     english = load_image_text_dataset(key="data.eval.languages.en", synthetic=dict(domain="source", num_images=4, seed=1))
     assert pairs["image_id"] == english["image_id"]
     assert pairs["caption"] == [translate_source_caption(c, "es") for c in english["caption"]]
@@ -80,26 +79,50 @@ def test_parallel_rows_are_translations_of_each_other():
 
 def test_load_parallel_text_pairs_every_translation_with_its_english(tmp_path):
     texts, english = load_parallel_text(
-        "distill.data", path=None, name=None, revision=None, data_files=None, split="train", english_column="en",
-        text_columns=["de", "es"], include_english=True, max_samples=10,
+        "distill.data",
+        path=None,
+        name=None,
+        revision=None,
+        data_files=None,
+        split="train",
+        english_column="en",
+        text_columns=["de", "es"],
+        include_english=True,
+        max_samples=10,
         synthetic=dict(domain="source", num_samples=20, seed=0, languages=["en", "de", "es"]),
     )
     assert len(texts) == len(english) == 10 * 3
     assert texts[:3] == [english[0], translate_source_caption(english[0], "de"), translate_source_caption(english[0], "es")]
 
     csv = tmp_path / "parallel.csv"
-    datasets.Dataset.from_dict(
-        {"caption_eng": ["a dog", "", "a cat"], "caption_multi": ["ein Hund", "leer", ""]}
-    ).to_csv(str(csv))
+    datasets.Dataset.from_dict({"caption_eng": ["a dog", "", "a cat"], "caption_multi": ["ein Hund", "leer", ""]}).to_csv(str(csv))
     texts, english = load_parallel_text(
-        "distill.data", path="csv", name=None, revision=None, data_files=str(csv), split="train",
-        english_column="caption_eng", text_columns=["caption_multi"], include_english=False, max_samples=None, synthetic=None,
+        "distill.data",
+        path="csv",
+        name=None,
+        revision=None,
+        data_files=str(csv),
+        split="train",
+        english_column="caption_eng",
+        text_columns=["caption_multi"],
+        include_english=False,
+        max_samples=None,
+        synthetic=None,
     )
     assert (texts, english) == (["ein Hund"], ["a dog"])  # empty English or translation: dropped
     with pytest.raises(DataLoadError, match=r"distill\.data\.text_columns: no column 'caption_de' .*columns: caption_eng, caption_multi"):
         load_parallel_text(
-            "distill.data", path="csv", name=None, revision=None, data_files=str(csv), split="train",
-            english_column="caption_eng", text_columns=["caption_de"], include_english=True, max_samples=None, synthetic=None,
+            "distill.data",
+            path="csv",
+            name=None,
+            revision=None,
+            data_files=str(csv),
+            split="train",
+            english_column="caption_eng",
+            text_columns=["caption_de"],
+            include_english=True,
+            max_samples=None,
+            synthetic=None,
         )
 
 

@@ -12,9 +12,13 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor
 
+from data_tools import collate
 from data_tools.loading import decode_image
-from data_tools.pipeline import cache_preprocessed_images, default_num_workers, processor_target_size
-from finetune import collate
+from data_tools.pipeline import (
+    cache_preprocessed_images,
+    default_num_workers,
+    processor_target_size,
+)
 
 
 def preprocess_images(image_processor, images):
@@ -73,7 +77,7 @@ def test_jpeg_draft_decoding_stays_close_to_a_full_decode(processor):
     assert min(draft.size) >= size and draft.size[0] < 640  # decoded at a reduced scale that still covers the size
     reference = preprocess_images(processor, [decode_image(value)])
     fast = preprocess_images(processor, [draft])
-    levels = (to_pixels(fast - reference, processor).abs() * 255)
+    levels = to_pixels(fast - reference, processor).abs() * 255
     assert levels.mean().item() <= 1.0  # within 1/255 on average
     assert levels.max().item() <= 6.0  # and a few levels at worst (DCT scaling vs a bicubic resize)
     png = encoded(image, "PNG")

@@ -1,4 +1,4 @@
-"""Tests for data_tools.synthetic: determinism, and that target differs from source like a real shift."""
+"""Tests for data_tools.synthetic.domains: determinism, and that target differs from source like a real shift."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_tools.synthetic import (
+from data_tools.synthetic.domains import (
     COLORS,
     SHAPES,
     TARGET_COLOR_WORDS,

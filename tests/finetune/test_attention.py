@@ -8,19 +8,18 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionConfig
 
-from finetune.config import ModelConfig
-from finetune.losses import ClipInfoNCE, Features
-from finetune.model import (
+from finetune.config.schema import ModelConfig
+from finetune.models.attention import (
     EAGER_MAX_TOKENS_CPU_BF16,
-    TowerLora,
-    add_lora,
     choose_attention,
-    load_model,
     set_attention,
     tower_tokens,
 )
-from finetune.text_swap import build_text_tower_swap
-from finetune.towers import image_features, logit_scale, text_features
+from finetune.models.load import load_model
+from finetune.models.lora import TowerLora, add_lora
+from finetune.models.text_swap import build_text_tower_swap
+from finetune.models.towers import image_features, logit_scale, text_features
+from finetune.training.losses import ClipInfoNCE, Features
 
 SETTINGS = TowerLora(enabled=True, rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"), layers=None)
 

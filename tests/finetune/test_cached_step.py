@@ -8,9 +8,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from finetune.losses import ClipInfoNCE
-from finetune.model import TowerLora, add_lora, load_model
-from finetune.step import cached_contrastive_step, contrastive_step, plain_step
+from finetune.models.load import load_model
+from finetune.models.lora import TowerLora, add_lora
+from finetune.training.losses import ClipInfoNCE
+from finetune.training.step import cached_contrastive_step, contrastive_step, plain_step
 
 CAPTIONS = ["a red circle", "two blue squares", "a green triangle", "a small star", "a ring", "a bar", "a dot"]
 
@@ -72,14 +73,14 @@ def reference_with_dropout(model, batch, loss_fn, micro: int, seed: int):
     after another with autograd from the same RNG state, all in one graph, one backward."""
     torch.manual_seed(seed)
     images, texts = [], []
-    from finetune.step import _chunks, _embed
+    from finetune.training.step import _chunks, _embed
 
     for chunk in _chunks(batch, micro):
         image, text = _embed(model, chunk)
         images.append(image)
         texts.append(text)
-    from finetune.losses import Features
-    from finetune.towers import logit_scale
+    from finetune.models.towers import logit_scale
+    from finetune.training.losses import Features
 
     terms = loss_fn(Features(torch.cat(images), torch.cat(texts), logit_scale(model)), {"image_index": batch["image_index"]})
     loss = sum(terms.values())
@@ -103,7 +104,7 @@ def test_cached_step_with_dropout_restores_each_chunks_rng(tiny_clip_dir):
 
     # the masks matter: the same re-run without restoring RNG gives other gradients
     torch.manual_seed(7)
-    import finetune.step as step_module
+    import finetune.training.step as step_module
 
     original = step_module._set_rng_state
     step_module._set_rng_state = lambda state, device: None
@@ -131,9 +132,7 @@ def test_cached_step_under_accelerate_accumulation_equals_plain(tiny_clip_dir):
                     if kind == "plain":
                         plain_step(prepared, batch, loss_fn, gather=True, backward=accelerator.backward)
                     else:
-                        cached_contrastive_step(
-                            prepared, batch, loss_fn, gather=True, micro_batch_size=3, backward=accelerator.backward
-                        )
+                        cached_contrastive_step(prepared, batch, loss_fn, gather=True, micro_batch_size=3, backward=accelerator.backward)
             results[kind] = gradients(prepared)
     finally:
         AcceleratorState._reset_state(True)

@@ -1,4 +1,4 @@
-"""Tests for finetune.checkpoint: finding complete checkpoints, cleaning partial ones, and a real
+"""Tests for finetune.training.checkpoint: finding complete checkpoints, cleaning partial ones, and a real
 single-process Accelerate save/load that stores only trainable tensors."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from torch import nn
 
-from finetune.checkpoint import (
+from finetune.errors import ResumeError
+from finetune.training.checkpoint import (
     STATE_FILE,
-    ResumeError,
     TrainerState,
     check_resumable,
     latest_checkpoint,
@@ -238,10 +238,10 @@ def test_a_crash_between_the_two_renames_keeps_the_old_checkpoint(accelerator, t
             raise KeyboardInterrupt
         return real_replace(src, dst)
 
-    monkeypatch.setattr("finetune.checkpoint.os.replace", die_on_commit)
+    monkeypatch.setattr("finetune.training.checkpoint.os.replace", die_on_commit)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(accelerator, tmp_path, 4, {"step": 4, "version": 2}, keep_last=2)
-    monkeypatch.setattr("finetune.checkpoint.os.replace", real_replace)
+    monkeypatch.setattr("finetune.training.checkpoint.os.replace", real_replace)
     # The old complete checkpoint was moved aside, not deleted, before the new one was committed...
     assert ("step-00000004", ".old-step-00000004") in calls
     assert latest_checkpoint(tmp_path) is None

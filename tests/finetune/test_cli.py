@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from finetune import cli
+from finetune.cli import main as cli
+from finetune.cli.train import TRAIN_SCRIPT
 
 
 def test_validate_prints_the_resolved_recipe(capsys):
@@ -41,7 +42,7 @@ def test_several_processes_go_through_the_launcher_with_every_setting(monkeypatc
     assert command[command.index("--num_processes") + 1] == "2"
     assert command[command.index("--mixed_precision") + 1] == "bf16"  # the recipe's precision
     assert command[command.index("--dynamo_backend") + 1] == "no" and command[command.index("--num_machines") + 1] == "1"
-    assert command[-3:] == [str(cli.TRAIN_SCRIPT), "recipes/medical.yaml", "train.output_dir=/tmp/x"]
+    assert command[-3:] == [str(TRAIN_SCRIPT), "recipes/medical.yaml", "train.output_dir=/tmp/x"]
     assert flags  # the flag/value pairs parse
 
 

@@ -1,4 +1,4 @@
-"""Tests for finetune.collate: batches carry stable ids for surviving rows; unreadable batches never
+"""Tests for data_tools.collate: batches carry stable ids for surviving rows; unreadable batches never
 raise; truncated captions are counted and the cut words named."""
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_tools.loading import decode_image, load_image_text_dataset
-from data_tools.synthetic import all_caption_text
-from finetune.collate import (
+from data_tools.collate import (
     ImageTextCollator,
     TruncatedCaption,
     count_truncated_captions,
@@ -20,7 +18,9 @@ from finetune.collate import (
     format_truncation_warning,
     preprocess_images,
 )
-from finetune.tiny_clip import build_tiny_clip
+from data_tools.loading import decode_image, load_image_text_dataset
+from data_tools.synthetic.domains import all_caption_text
+from finetune.models.tiny_clip import build_tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_cut_inside_a_word_reports_the_whole_word(processor):
 
 
 def test_count_matches_a_caption_by_caption_reference_across_chunks(processor, monkeypatch):
-    import finetune.collate as collate
+    import data_tools.collate as collate
 
     monkeypatch.setattr(collate, "_TOKENIZE_CHUNK", 2)  # several chunks; the first hit is not in the first
     tokenizer = processor.tokenizer

@@ -1,4 +1,4 @@
-"""Tests for finetune.config: one-pass error reporting, overrides, cross-field rules, round-trips."""
+"""Tests for finetune.config.schema: one-pass error reporting, overrides, cross-field rules, round-trips."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.config import (
-    ConfigError,
+from finetune.config.load import load_config, parse_override, save_config
+from finetune.config.schema import (
     DatasetSpec,
     LoraTowerConfig,
     LossConfig,
@@ -18,11 +18,9 @@ from finetune.config import (
     OptimConfig,
     RecipeConfig,
     TrainConfig,
-    load_config,
     looks_like_local_path,
-    parse_override,
-    save_config,
 )
+from finetune.errors import ConfigError
 
 HUB_MODEL = "openai/clip-vit-base-patch16"
 
@@ -226,18 +224,14 @@ def test_dataset_path_xor_synthetic(in_tmp, spec):
     tree = recipe()
     tree["data"]["train"] = spec
     problems = load_problems(write_recipe(in_tmp, tree))
-    assert problems == [
-        "data.train: set exactly one of `path` (a dataset to load) and `synthetic` (a generated one)"
-    ]
+    assert problems == ["data.train: set exactly one of `path` (a dataset to load) and `synthetic` (a generated one)"]
 
 
 def test_eval_dataset_rule_uses_its_own_path(in_tmp):
     tree = recipe()
     tree["data"]["eval"]["source"] = {"split": "validation"}
     problems = load_problems(write_recipe(in_tmp, tree))
-    assert problems == [
-        "data.eval.source: set exactly one of `path` (a dataset to load) and `synthetic` (a generated one)"
-    ]
+    assert problems == ["data.eval.source: set exactly one of `path` (a dataset to load) and `synthetic` (a generated one)"]
 
 
 def test_both_towers_disabled(in_tmp):
@@ -342,7 +336,9 @@ def test_existing_local_paths_validate(in_tmp):
     (in_tmp / "a" / "b" / "c").mkdir(parents=True)
     (in_tmp / "single").mkdir()
     assert looks_like_local_path("single") is True  # exists: a local folder, not a hub id
-    cfg = load_config(write_recipe(in_tmp, recipe(model={"name_or_path": "a/b/c"})), ["data.train.path=./single", "data.train.synthetic=null"])
+    cfg = load_config(
+        write_recipe(in_tmp, recipe(model={"name_or_path": "a/b/c"})), ["data.train.path=./single", "data.train.synthetic=null"]
+    )
     assert cfg.model.name_or_path == "a/b/c"
     assert cfg.data.train.path == "./single" and cfg.data.train.synthetic is None
 

@@ -8,7 +8,8 @@ import warnings
 import pytest
 import yaml
 
-from finetune.config import ConfigError, load_config, save_config, load_resolved_config
+from finetune.config.load import load_config, load_resolved_config, save_config
+from finetune.errors import ConfigError
 
 MINIMAL = {
     "model": {"name_or_path": "openai/clip-vit-base-patch16"},
@@ -39,15 +40,18 @@ def test_augmentation_is_off_by_default(tmp_path):
 
 
 def test_every_bound_is_reported_at_once_with_its_dotted_path(tmp_path):
-    found = problems(tmp_path, {
-        "image": {
-            "random_resized_crop": {"enabled": True, "scale": [0.0, 1.0], "ratio": [1.5, 0.5]},
-            "horizontal_flip": {"enabled": True, "p": 1.2},
-            "rotation": {"enabled": True, "degrees": 60},
-            "color_jitter": {"enabled": True, "brightness": 1.5, "hue": 0.6, "p": -0.1},
+    found = problems(
+        tmp_path,
+        {
+            "image": {
+                "random_resized_crop": {"enabled": True, "scale": [0.0, 1.0], "ratio": [1.5, 0.5]},
+                "horizontal_flip": {"enabled": True, "p": 1.2},
+                "rotation": {"enabled": True, "degrees": 60},
+                "color_jitter": {"enabled": True, "brightness": 1.5, "hue": 0.6, "p": -0.1},
+            },
+            "text": {"word_dropout": 0.5, "word_swap": 2, "caption_templates": ["no placeholder"]},
         },
-        "text": {"word_dropout": 0.5, "word_swap": 2, "caption_templates": ["no placeholder"]},
-    })
+    )
     expected = [
         "augment.image.random_resized_crop.scale: scale must lie within (0, 1], got [0.0, 1.0]",
         "augment.image.random_resized_crop.ratio: ratio must be ordered [low, high], got [1.5, 0.5]",
@@ -75,8 +79,11 @@ def test_a_typo_gets_a_did_you_mean(tmp_path):
 
 def test_caption_templates_on_a_label_only_set_name_both_keys(tmp_path):
     found = problems(
-        tmp_path, {"text": {"caption_templates": ["{caption}", "a scan: {caption}"]}},
-        caption_column=None, label_column="label", caption_templates=["a {label}"],
+        tmp_path,
+        {"text": {"caption_templates": ["{caption}", "a scan: {caption}"]}},
+        caption_column=None,
+        label_column="label",
+        caption_templates=["a {label}"],
     )
     assert len(found) == 1
     assert "augment.text.caption_templates" in found[0] and "data.train.caption_column is null" in found[0]

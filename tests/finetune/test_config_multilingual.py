@@ -6,17 +6,20 @@ import copy
 
 import pytest
 
-from finetune.config import ConfigError, validate_config
+from finetune.config.load import validate_config
+from finetune.errors import ConfigError
 
 SWAP = {
     "model": {"name_or_path": "openai/clip-vit-base-patch32", "text_tower": "xlm-roberta-base"},
     "distill": {"data": {"synthetic": {"num_samples": 100}}, "max_steps": 10},
     "data": {
         "train": {"synthetic": {"domain": "source", "num_images": 8, "languages": ["en", "zh"]}},
-        "eval": {"languages": {
-            "en": {"synthetic": {"domain": "source", "num_images": 8, "seed": 1}},
-            "zh": {"synthetic": {"domain": "source", "num_images": 8, "seed": 1, "languages": ["zh"]}},
-        }},
+        "eval": {
+            "languages": {
+                "en": {"synthetic": {"domain": "source", "num_images": 8, "seed": 1}},
+                "zh": {"synthetic": {"domain": "source", "num_images": 8, "seed": 1, "languages": ["zh"]}},
+            }
+        },
     },
     "train": {"max_steps": 10},
 }

@@ -1,4 +1,4 @@
-"""Tests for finetune.evaluate: worker decoding changes nothing, identical captions tie exactly,
+"""Tests for finetune.evaluation.evaluate: worker decoding changes nothing, identical captions tie exactly,
 unreadable images are skipped and counted, an unreadable set stops with its name, and sharded
 evaluation (two ranks, simulated with threads) equals one process."""
 
@@ -13,14 +13,19 @@ import numpy as np
 import pytest
 import torch
 
-import finetune.evaluate as evaluate
-from data_tools.loading import DataLoadError, RetrievalSet, decode_image, load_image_text_dataset
-from data_tools.synthetic import all_caption_text, generate_domain
-from finetune.collate import encode_captions, preprocess_images
-from finetune.evaluate import embed_retrieval_set, evaluate_retrieval, shard_range
-from finetune.metrics import retrieval_metrics
-from finetune.model import encode_images, encode_texts
-from finetune.tiny_clip import build_tiny_clip
+import finetune.evaluation.evaluate as evaluate
+from data_tools.collate import encode_captions, preprocess_images
+from data_tools.loading import RetrievalSet, decode_image, load_image_text_dataset
+from data_tools.synthetic.domains import all_caption_text, generate_domain
+from finetune.errors import DataLoadError
+from finetune.evaluation.evaluate import (
+    embed_retrieval_set,
+    evaluate_retrieval,
+    shard_range,
+)
+from finetune.evaluation.metrics import retrieval_metrics
+from finetune.models.lora import encode_images, encode_texts
+from finetune.models.tiny_clip import build_tiny_clip
 
 BROKEN = b"not an image"
 
@@ -75,7 +80,9 @@ def direct_embeddings(model, processor, image_bytes, captions):
 def test_workers_give_identical_results(clip):
     model, processor = clip
     rset = RetrievalSet.from_pairs(
-        load_image_text_dataset(key="data.eval.target", synthetic={"domain": "target", "num_images": 12, "captions_per_image": 2, "seed": 2})
+        load_image_text_dataset(
+            key="data.eval.target", synthetic={"domain": "target", "num_images": 12, "captions_per_image": 2, "seed": 2}
+        )
     )
     kwargs = dict(batch_size=5, max_text_length=32)
     in_main = embed_retrieval_set(model, processor, rset, num_workers=0, **kwargs)
@@ -219,7 +226,8 @@ def test_two_ranks_all_unreadable_raise_together(clip, monkeypatch):
     model, processor = clip
     rset = RetrievalSet.from_pairs(pairs_from([BROKEN] * 3, ["a", "b", "c"], [0, 1, 2]))
     ranks = run_ranks(
-        monkeypatch, 2,
+        monkeypatch,
+        2,
         lambda acc: embed_retrieval_set(model, processor, rset, batch_size=2, max_text_length=32, accelerator=acc, name="source"),
     )
     for outcome in ranks:

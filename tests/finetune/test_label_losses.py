@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.losses import ClipInfoNCE, Features
+from finetune.training.losses import ClipInfoNCE, Features
 
 
 def _setup(n=6, d=5, seed=0):
@@ -26,9 +26,7 @@ def _hand(features, image_index, label_id, weights, same_label_negatives):
     for i in range(n):
         keep = []
         for j in range(n):
-            same = image_index[j] == image_index[i] or (
-                not same_label_negatives and label_id[i] >= 0 and label_id[j] == label_id[i]
-            )
+            same = image_index[j] == image_index[i] or (not same_label_negatives and label_id[i] >= 0 and label_id[j] == label_id[i])
             if j == i or not same:
                 keep.append(j)
         i2t.append(-(sim[i, i] - torch.logsumexp(sim[i, keep], 0)))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.metrics import (
+from finetune.evaluation.metrics import (
     class_prompt_embedding,
     class_retrieval_metrics,
     classification_metrics,

@@ -1,4 +1,4 @@
-"""Tests for finetune.losses.ClipInfoNCE on (features, batch): hand-computed values, same-image masking,
+"""Tests for finetune.training.losses.ClipInfoNCE on (features, batch): hand-computed values, same-image masking,
 the temperature clamp, gradients, and (2 gloo processes) the step's cross-process gather's gradients."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.losses import ClipInfoNCE, Features
-from finetune.step import gather_rows, gather_with_grad
+from finetune.training.losses import ClipInfoNCE, Features
+from finetune.training.step import gather_rows, gather_with_grad
 
 
 def _features(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,9 +92,7 @@ def test_similarity_between_captions_of_one_image_does_not_change_the_loss():
     assert diff.max() < 1e-12
 
     masked = [0, 0, 1, 2]
-    torch.testing.assert_close(
-        _loss(a_img, a_txt, math.log(10.0), masked), _loss(b_img, b_txt, math.log(10.0), masked), atol=1e-6, rtol=0
-    )
+    torch.testing.assert_close(_loss(a_img, a_txt, math.log(10.0), masked), _loss(b_img, b_txt, math.log(10.0), masked), atol=1e-6, rtol=0)
     # Without the shared image the (0, 1) entry is a negative and the loss moves.
     distinct = [0, 1, 2, 3]
     delta = _loss(a_img, a_txt, math.log(10.0), distinct) - _loss(b_img, b_txt, math.log(10.0), distinct)

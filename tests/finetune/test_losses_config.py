@@ -8,7 +8,9 @@ import warnings
 
 import pytest
 
-from finetune.config import ConfigError, InfoNCETerm, SigLIPTerm, validate_config
+from finetune.config.load import validate_config
+from finetune.config.schema import InfoNCETerm, SigLIPTerm
+from finetune.errors import ConfigError
 
 MINIMAL = {
     "model": {"name_or_path": "openai/clip-vit-base-patch16"},
@@ -39,12 +41,16 @@ def test_default_is_one_infonce_term_of_weight_1():
 
 
 def test_terms_take_per_name_fields_and_defaults():
-    cfg = validate_config(with_loss(terms=[
-        {"name": "infonce", "weight": 1.0},
-        {"name": "siglip", "weight": 0.5},
-        {"name": "vsepp", "margin": 0.1},
-        "hn_infonce",  # a bare name takes the term's defaults
-    ]))
+    cfg = validate_config(
+        with_loss(
+            terms=[
+                {"name": "infonce", "weight": 1.0},
+                {"name": "siglip", "weight": 0.5},
+                {"name": "vsepp", "margin": 0.1},
+                "hn_infonce",  # a bare name takes the term's defaults
+            ]
+        )
+    )
     names = [t.name for t in cfg.loss.terms]
     assert names == ["infonce", "siglip", "vsepp", "hn_infonce"]
     assert cfg.loss.terms[1] == SigLIPTerm(name="siglip", weight=0.5, temperature_init=10.0, bias_init=-10.0)
@@ -116,7 +122,7 @@ def test_trained_logit_scale_without_a_term_that_reads_it_warns():
 def test_terms_override_on_the_command_line(tmp_path):
     import yaml
 
-    from finetune.config import load_config
+    from finetune.config.load import load_config
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(MINIMAL))

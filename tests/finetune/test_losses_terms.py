@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.losses import (
+from finetune.training.losses import (
     ClipInfoNCE,
     CompositeLoss,
     Features,
@@ -320,7 +320,11 @@ def test_composite_returns_each_weighted_term_by_name_and_their_sum_is_the_loss(
     b = batch()
     siglip = SigLIPLoss(10.0, -10.0, same_label_negatives=True)
     composite = CompositeLoss(
-        {"infonce": (ClipInfoNCE(100.0, same_label_negatives=True), 1.0), "siglip": (siglip, 0.5), "vsepp": (MaxViolationTriplet(0.2, same_label_negatives=True), 2.0)},
+        {
+            "infonce": (ClipInfoNCE(100.0, same_label_negatives=True), 1.0),
+            "siglip": (siglip, 0.5),
+            "vsepp": (MaxViolationTriplet(0.2, same_label_negatives=True), 2.0),
+        },
         same_label_negatives=True,
     )
     terms = composite(f, b)

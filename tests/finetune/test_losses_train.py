@@ -17,11 +17,12 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from finetune import train
-from finetune.checkpoint import latest_checkpoint
-from finetune.config import validate_config
-from finetune.model import TowerLora, add_lora, load_model
-from finetune.step import contrastive_step
-from finetune.towers import embedding_dim, model_layout
+from finetune.config.load import validate_config
+from finetune.models.load import load_model
+from finetune.models.lora import TowerLora, add_lora
+from finetune.models.towers import embedding_dim, model_layout
+from finetune.training.checkpoint import latest_checkpoint
+from finetune.training.step import contrastive_step
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPTIONS = ["a red circle", "two blue squares", "a green triangle", "a small star", "a ring", "a bar"]
@@ -56,12 +57,17 @@ def tiny_batch(processor, n: int = 6) -> dict:
 def test_each_term_sends_gradient_to_both_towers_lora_b(tiny_clip_dir, term):
     model, processor = tiny_adapted(tiny_clip_dir)
     loss_terms = [term] if term != "adversarial" else ["infonce", {"name": "adversarial", "weight": 1.0}]
-    cfg = validate_config({
-        "model": {"name_or_path": str(tiny_clip_dir)},
-        "data": {"train": {"synthetic": {"domain": "target", "num_images": 8}}, "eval": {"target": {"synthetic": {"domain": "target", "num_images": 8}}}},
-        "train": {"max_steps": 1},
-        "loss": {"terms": loss_terms},
-    })
+    cfg = validate_config(
+        {
+            "model": {"name_or_path": str(tiny_clip_dir)},
+            "data": {
+                "train": {"synthetic": {"domain": "target", "num_images": 8}},
+                "eval": {"target": {"synthetic": {"domain": "target", "num_images": 8}}},
+            },
+            "train": {"max_steps": 1},
+            "loss": {"terms": loss_terms},
+        }
+    )
     loss_fn = train.build_loss(cfg, train_pairs=None, embed_dim=embedding_dim(model))
     if term == "adversarial":  # the adversarial term alone: only its gradient reaches the towers
         loss_fn.weights["infonce"] = 0.0
@@ -131,9 +137,12 @@ def test_siglip_and_adversarial_parameters_train_checkpoint_and_resume_exactly(t
     assert all(0.0 <= r["adversarial_accuracy"] <= 1.0 for r in records)
     loss_state = load_file(latest_checkpoint(full / "checkpoints") / "trainable_1.safetensors")
     assert set(loss_state) == {
-        "terms.siglip.log_temperature", "terms.siglip.bias",
-        "terms.adversarial.discriminator.0.weight", "terms.adversarial.discriminator.0.bias",
-        "terms.adversarial.discriminator.2.weight", "terms.adversarial.discriminator.2.bias",
+        "terms.siglip.log_temperature",
+        "terms.siglip.bias",
+        "terms.adversarial.discriminator.0.weight",
+        "terms.adversarial.discriminator.0.bias",
+        "terms.adversarial.discriminator.2.weight",
+        "terms.adversarial.discriminator.2.bias",
     }
     assert loss_state["terms.siglip.bias"].item() != -10.0  # the optimizer moved them
     assert abs(loss_state["terms.siglip.log_temperature"].item() - 2.302585) > 1e-6
@@ -188,10 +197,14 @@ def test_two_processes_with_siglip_and_the_discriminator_equal_one_process(tiny_
         f"loss.terms={SIGLIP_ADVERSARIAL}",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "finetune.cli", "train", "--num-processes", "2", "--main-process-port", "29531"]
+    launch = [sys.executable, "-m", "finetune.cli.main", "train", "--num-processes", "2", "--main-process-port", "29531"]
     proc = subprocess.run(
         [*launch, *common, "train.batch_size=8", f"train.output_dir={tmp_path / 'two'}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert train.main([*common, "train.batch_size=16", f"train.output_dir={tmp_path / 'one'}"]) == 0
@@ -208,14 +221,19 @@ def test_two_processes_with_siglip_and_the_discriminator_equal_one_process(tiny_
 def test_cached_step_gives_every_term_and_its_parameters_the_plain_steps_gradients(tiny_clip_dir):
     """GradCache with SigLIP, VSE++ and the discriminator: the loss's own parameters get their gradient in
     the cached step's loss pass, the towers through the re-embedded chunks; both equal the plain step's."""
-    from finetune.step import cached_contrastive_step, plain_step
+    from finetune.training.step import cached_contrastive_step, plain_step
 
-    cfg = validate_config({
-        "model": {"name_or_path": str(tiny_clip_dir)},
-        "data": {"train": {"synthetic": {"domain": "target", "num_images": 8}}, "eval": {"target": {"synthetic": {"domain": "target", "num_images": 8}}}},
-        "train": {"max_steps": 1},
-        "loss": {"terms": ["infonce", {"name": "siglip", "weight": 0.5}, "vsepp", {"name": "adversarial", "hidden_dim": 8}]},
-    })
+    cfg = validate_config(
+        {
+            "model": {"name_or_path": str(tiny_clip_dir)},
+            "data": {
+                "train": {"synthetic": {"domain": "target", "num_images": 8}},
+                "eval": {"target": {"synthetic": {"domain": "target", "num_images": 8}}},
+            },
+            "train": {"max_steps": 1},
+            "loss": {"terms": ["infonce", {"name": "siglip", "weight": 0.5}, "vsepp", {"name": "adversarial", "hidden_dim": 8}]},
+        }
+    )
     grads = []
     for cached in (False, True):
         model, processor = tiny_adapted(tiny_clip_dir)

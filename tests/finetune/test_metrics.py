@@ -1,4 +1,4 @@
-"""Tests for finetune.metrics: hand-computed ranks, a top-k reference, exact ties, chunking, validation."""
+"""Tests for finetune.evaluation.metrics: hand-computed ranks, a top-k reference, exact ties, chunking, validation."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import finetune.report
-from finetune.metrics import (
+import finetune.evaluation.report
+from finetune.evaluation.metrics import (
     DEFAULT_CHUNK_BYTES,
     QueryRanks,
     _rows_per_chunk,
@@ -61,12 +61,8 @@ TEXT_TO_IMAGE = torch.tensor([0, 0, 1, 1, 2])
 def test_hand_computed_default_ks() -> None:
     res = retrieval_metrics(IMAGES, TEXTS, TEXT_TO_IMAGE)
     assert set(res) == {"t2i", "i2t"}
-    assert res["t2i"] == pytest.approx(
-        {"R@1": 20.0, "R@5": 100.0, "R@10": 100.0, "mean_rank": 2.0, "median_rank": 2.0}
-    )
-    assert res["i2t"] == pytest.approx(
-        {"R@1": 100.0 / 3, "R@5": 100.0, "R@10": 100.0, "mean_rank": 7.0 / 3, "median_rank": 3.0}
-    )
+    assert res["t2i"] == pytest.approx({"R@1": 20.0, "R@5": 100.0, "R@10": 100.0, "mean_rank": 2.0, "median_rank": 2.0})
+    assert res["i2t"] == pytest.approx({"R@1": 100.0 / 3, "R@5": 100.0, "R@10": 100.0, "mean_rank": 7.0 / 3, "median_rank": 3.0})
     for direction in res.values():
         assert all(type(v) is float for v in direction.values())
 
@@ -133,9 +129,7 @@ def test_exact_tie_is_half_a_hit() -> None:
 
 def test_hit_probability_formula_by_hand() -> None:
     # better b = 1, t = 3 others and m = 2 own candidates tied behind it.
-    r = QueryRanks(
-        better=torch.tensor([1]), tied=torch.tensor([3]), tied_own=torch.tensor([2]), own_score=torch.tensor([0.5])
-    )
+    r = QueryRanks(better=torch.tensor([1]), tied=torch.tensor([3]), tied_own=torch.tensor([2]), own_score=torch.tensor([0.5]))
     # K=1: no slot left -> 0. K=2: one slot among 5 tied, 2 own -> 2/5.
     # K=3: two slots: miss = C(3,2)/C(5,2) = 3/10 -> 0.7. K=4: miss = C(3,3)/C(5,3) = 1/10 -> 0.9.
     # K=5: more slots than tied others -> 1.
@@ -248,10 +242,12 @@ def _enumerated(image_emb, text_emb, text_to_image, ks):
                 order = sorted(range(len(candidates)), key=lambda c: (-scores[c], priority[c]))
                 ranks.append(1 + next(pos for pos, c in enumerate(order) if is_own(q, c)))
             ranks = np.array(ranks)
-            out.append({
-                "rank": (ranks.mean(), ranks.min(), ranks.max()),
-                **{k: (np.mean(ranks <= k), np.max(ranks <= k), np.min(ranks <= k)) for k in ks},
-            })
+            out.append(
+                {
+                    "rank": (ranks.mean(), ranks.min(), ranks.max()),
+                    **{k: (np.mean(ranks <= k), np.max(ranks <= k), np.min(ranks <= k)) for k in ks},
+                }
+            )
         return out
 
     return {
@@ -329,9 +325,7 @@ def test_small_chunks_equal_one_chunk_with_ties(random_problem, chunk_bytes: int
         # A matrix product of another height may round the last bit differently; counts never move
         # because every comparison is made within one row of one product.
         torch.testing.assert_close(chunked[direction].own_score, one_chunk[direction].own_score, rtol=0, atol=1e-6)
-    assert retrieval_metrics(images, texts, t2i, chunk_bytes=chunk_bytes) == retrieval_metrics(
-        images, texts, t2i, chunk_bytes=2**40
-    )
+    assert retrieval_metrics(images, texts, t2i, chunk_bytes=chunk_bytes) == retrieval_metrics(images, texts, t2i, chunk_bytes=2**40)
 
 
 def test_rows_per_chunk_follow_the_byte_budget() -> None:
@@ -369,7 +363,11 @@ def test_duplicate_caption_texts_counts() -> None:
     assert stats["captions"] - stats["unique_texts"] == stats["duplicate_captions"] - stats["duplicated_texts"]
     assert duplicate_caption_texts(["x", "y", "y", "x"])["example"] == "x"  # first seen of equals
     assert duplicate_caption_texts(["A", "a", "a "]) == {
-        "captions": 3, "unique_texts": 3, "duplicate_captions": 0, "duplicated_texts": 0, "example": None
+        "captions": 3,
+        "unique_texts": 3,
+        "duplicate_captions": 0,
+        "duplicated_texts": 0,
+        "example": None,
     }
     assert duplicate_caption_texts([])["example"] is None
 
@@ -382,8 +380,8 @@ def test_duplicate_caption_texts_rejects_non_strings() -> None:
 
 
 def test_report_names_are_reexported() -> None:
-    assert format_results_table is finetune.report.format_results_table
-    assert write_results is finetune.report.write_results
+    assert format_results_table is finetune.evaluation.report.format_results_table
+    assert write_results is finetune.evaluation.report.write_results
 
 
 def test_scaling_embeddings_changes_nothing(random_problem) -> None:
@@ -430,5 +428,3 @@ def test_image_without_caption_raises_with_count() -> None:
 def test_bad_ks_raise(ks) -> None:
     with pytest.raises(ValueError, match="ks"):
         retrieval_metrics(IMAGES, TEXTS, TEXT_TO_IMAGE, ks=ks)
-
-

@@ -8,12 +8,17 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
 from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
 
 from finetune import train
-from finetune.checkpoint import latest_checkpoint, read_trainer_state
-from tests.test_train_e2e import DROPOUT, SimulatedKill, demo_overrides, trainable_tensors
+from finetune.training.checkpoint import latest_checkpoint, read_trainer_state
+from tests.test_train_e2e import (
+    DROPOUT,
+    SimulatedKill,
+    demo_overrides,
+    trainable_tensors,
+)
 
 MINING = ["mining.enabled=true", "mining.relative_margin=0", "mining.negatives_per_anchor_in_batch=2"]
 
@@ -127,14 +132,29 @@ def test_two_processes_with_mining_equal_one_process_with_the_global_batch(tiny_
     from tests.test_train_e2e import ROOT
 
     common = [
-        "recipes/demo.yaml", f"model.name_or_path={tiny_clip_dir}", "train.max_steps=4", "train.checkpoint_every_steps=null",
-        "data.train.synthetic.num_images=40", "data.eval.target.synthetic.num_images=8", "data.eval.source.synthetic.num_images=8",
-        "data.replay=[]", "eval.zero_shot=false", "data.num_workers=0", *MINING, "mining.refresh_every_steps=2",
+        "recipes/demo.yaml",
+        f"model.name_or_path={tiny_clip_dir}",
+        "train.max_steps=4",
+        "train.checkpoint_every_steps=null",
+        "data.train.synthetic.num_images=40",
+        "data.eval.target.synthetic.num_images=8",
+        "data.eval.source.synthetic.num_images=8",
+        "data.replay=[]",
+        "eval.zero_shot=false",
+        "data.num_workers=0",
+        *MINING,
+        "mining.refresh_every_steps=2",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "finetune.cli", "train", "--num-processes", "2", "--main-process-port", "29519"]
-    proc = subprocess.run([*launch, *common, "train.batch_size=8", f"train.output_dir={tmp_path / 'two'}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    launch = [sys.executable, "-m", "finetune.cli.main", "train", "--num-processes", "2", "--main-process-port", "29519"]
+    proc = subprocess.run(
+        [*launch, *common, "train.batch_size=8", f"train.output_dir={tmp_path / 'two'}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert train.main([*common, "train.batch_size=16", f"train.output_dir={tmp_path / 'one'}"]) == 0
     for name in ("negatives-step00000000.parquet", "negatives-step00000002.parquet"):
@@ -151,8 +171,13 @@ def test_mining_augmentation_and_loss_terms_together_resume_exactly(tiny_clip_di
     InfoNCE: the mined file reaches the sampler through the augmentation wrapper, and a run killed after
     step 9 and resumed ends where the uninterrupted run does (LoRA, SigLIP's temperature and bias, log)."""
     args = [
-        *DROPOUT, "data.replay=[]", *MINING, "mining.refresh_every_steps=4",
-        "augment.image.random_resized_crop.enabled=true", "augment.image.rotation.enabled=true", "augment.text.word_dropout=0.2",
+        *DROPOUT,
+        "data.replay=[]",
+        *MINING,
+        "mining.refresh_every_steps=4",
+        "augment.image.random_resized_crop.enabled=true",
+        "augment.image.rotation.enabled=true",
+        "augment.text.word_dropout=0.2",
         "loss.terms=[infonce, {name: siglip, weight: 0.5}]",
     ]
     full = tmp_path / "full"

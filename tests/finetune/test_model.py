@@ -1,4 +1,4 @@
-"""Tests for finetune.model: where LoRA lands, per-tower settings, that it trains, and that the
+"""Tests for finetune.models.lora: where LoRA lands, per-tower settings, that it trains, and that the
 adapter round-trips through plain PEFT (and merges) without changing the embeddings."""
 
 from __future__ import annotations
@@ -8,26 +8,26 @@ import re
 import huggingface_hub.constants
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 from transformers import CLIPModel
 
-import torch.nn.functional as F
-
-from finetune.losses import ClipInfoNCE, Features
-from finetune.towers import logit_scale as logit_scale_of
-from finetune.config import LoraTowerConfig
-from finetune.model import (
-    ModelLoadError,
+from finetune.config.schema import LoraTowerConfig
+from finetune.errors import ModelLoadError
+from finetune.models.adapter import extra_trainable_state
+from finetune.models.load import load_model
+from finetune.models.lora import (
     TowerLora,
     add_lora,
     encode_images,
     encode_texts,
-    extra_trainable_state,
-    load_model,
     lora_gradient_report,
     trainable_parameters_by_tower,
 )
+from finetune.models.towers import logit_scale as logit_scale_of
+from finetune.training.losses import ClipInfoNCE, Features
+
 
 def lora(**settings) -> TowerLora:
     """Per-tower settings with the recipe schema's defaults for everything not given."""
@@ -71,11 +71,7 @@ def lora_sites(model: nn.Module) -> set[tuple[str, int, str]]:
 
 
 def lora_A_shapes(model: nn.Module, tower: str) -> set[tuple[int, ...]]:
-    return {
-        tuple(p.shape)
-        for n, p in model.named_parameters()
-        if f"{tower}_model." in n and ".lora_A." in n
-    }
+    return {tuple(p.shape) for n, p in model.named_parameters() if f"{tower}_model." in n and ".lora_A." in n}
 
 
 @torch.no_grad()
@@ -138,9 +134,7 @@ def test_default_layers_cover_every_layer_and_negative_index_is_the_last(clip):
         text=lora(rank=2, target_modules=("q_proj",)),
     )
     sites = lora_sites(peft_model)
-    assert {s for s in sites if s[0] == "vision"} == {
-        ("vision", 1, f"self_attn.{m}") for m in ("q_proj", "k_proj", "v_proj", "out_proj")
-    }
+    assert {s for s in sites if s[0] == "vision"} == {("vision", 1, f"self_attn.{m}") for m in ("q_proj", "k_proj", "v_proj", "out_proj")}
     assert {s for s in sites if s[0] == "text"} == {("text", 0, "self_attn.q_proj"), ("text", 1, "self_attn.q_proj")}
 
 
@@ -202,9 +196,7 @@ def test_out_of_range_layers_name_the_key(clip, layers):
 def test_dropout_is_per_tower(clip):
     model, _ = clip
     peft_model = adapt(model, vision=lora(rank=4, dropout=0.0), text=lora(rank=2, dropout=0.25))
-    dropouts = {
-        name: module for name, module in peft_model.named_modules() if name.endswith("lora_dropout.default")
-    }
+    dropouts = {name: module for name, module in peft_model.named_modules() if name.endswith("lora_dropout.default")}
     text = [m for n, m in dropouts.items() if "text_model." in n]
     vision = [m for n, m in dropouts.items() if "vision_model." in n]
     assert len(text) == len(vision) == 8  # 4 modules x 2 layers in each tower
@@ -243,11 +235,7 @@ def test_one_step_trains_lora_in_both_towers_and_leaves_the_base_alone(clip, bat
 
     after = dict(peft_model.named_parameters())
     for tower in ("vision", "text"):
-        changed = [
-            n
-            for n in before
-            if f"{tower}_model." in n and ".lora_B." in n and not torch.equal(before[n], after[n].detach())
-        ]
+        changed = [n for n in before if f"{tower}_model." in n and ".lora_B." in n and not torch.equal(before[n], after[n].detach())]
         assert changed, f"no LoRA B weight of the {tower} tower moved"
     base = [n for n in before if "lora_" not in n]
     assert len(base) > 50
@@ -338,9 +326,7 @@ def test_trained_adapter_after_optimizer_steps_round_trips(clip, batch, tiny_cli
 def test_trained_projections_are_restored_by_plain_peft(clip, batch, tiny_clip_dir, tmp_path):
     model, _ = clip
     peft_model = adapt(model, vision=lora(rank=4), text=lora(rank=2), train_projections=True)
-    projection_params = [
-        (n, p) for n, p in peft_model.named_parameters() if "projection" in n and p.requires_grad
-    ]
+    projection_params = [(n, p) for n, p in peft_model.named_parameters() if "projection" in n and p.requires_grad]
     assert {n.split(".")[2] for n, _ in projection_params} == {"visual_projection", "text_projection"}
     counts = trainable_parameters_by_tower(peft_model)
     # LoRA (all 4 attention Linears x 2 layers) + a 32x32 projection (no bias) per tower.
@@ -357,9 +343,7 @@ def test_trained_projections_are_restored_by_plain_peft(clip, batch, tiny_clip_d
 
 def test_merge_and_unload_keeps_the_features(clip, batch):
     model, _ = clip
-    peft_model = adapt(
-        model, vision=lora(rank=4, alpha=4.0), text=lora(rank=2, alpha=8.0), train_projections=True
-    )
+    peft_model = adapt(model, vision=lora(rank=4, alpha=4.0), text=lora(rank=2, alpha=8.0), train_projections=True)
     randomise_lora_B(peft_model, seed=5)
     adapted_img, adapted_txt = features(peft_model, batch)
 
@@ -395,7 +379,10 @@ def test_load_model_missing_folder_names_the_recipe_key(tmp_path, monkeypatch):
     # Never reach for the network even if the path were taken for a hub id.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     missing = tmp_path / "no-such-model"
-    with pytest.raises(ModelLoadError, match=r"^model\.name_or_path: could not load the model config from local folder|^model\.name_or_path: could not load the model config from hub id") as info:
+    with pytest.raises(
+        ModelLoadError,
+        match=r"^model\.name_or_path: could not load the model config from local folder|^model\.name_or_path: could not load the model config from hub id",
+    ) as info:
         load_model(str(missing))
     assert str(missing) in str(info.value)
     assert "offline" not in str(info.value)  # HF_HUB_OFFLINE is not set in the environment
@@ -439,5 +426,8 @@ def test_a_checkpoint_that_is_not_an_image_text_model_is_refused_before_its_weig
     from transformers import BertConfig
 
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match=r"model\.name_or_path: a BertConfig checkpoint is not a supported image-text model; supported configs: CLIPConfig, VisionTextDualEncoderConfig"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"model\.name_or_path: a BertConfig checkpoint is not a supported image-text model; supported configs: CLIPConfig, VisionTextDualEncoderConfig",
+    ):
         load_model(str(tmp_path))

@@ -1,4 +1,4 @@
-"""Tests for finetune.report (tables, JSON, chart) and finetune.card (the model card)."""
+"""Tests for finetune.evaluation.report (tables, JSON, chart) and finetune.evaluation.card (the model card)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,16 @@ import json
 import numpy as np
 import pytest
 
-from finetune import report
-from finetune.card import describe_negatives, write_model_card
-from finetune.config import validate_config
-from finetune.metrics import duplicate_caption_texts
-from finetune.report import describe_duplicate_captions, format_results_table, format_set_notes, write_results
+from finetune.config.load import validate_config
+from finetune.evaluation import report
+from finetune.evaluation.card import describe_negatives, write_model_card
+from finetune.evaluation.metrics import duplicate_caption_texts
+from finetune.evaluation.report import (
+    describe_duplicate_captions,
+    format_results_table,
+    format_set_notes,
+    write_results,
+)
 
 RESULTS = {
     "zero_shot": {
@@ -96,8 +101,16 @@ def test_any_number_of_named_models() -> None:
     table = format_results_table(results)
     header, rows = _table(table)
     assert header == [
-        "set", "direction", "metric", "zero-shot", "adapted", "alpha=0.5", "int8",
-        "delta adapted", "delta alpha=0.5", "delta int8",
+        "set",
+        "direction",
+        "metric",
+        "zero-shot",
+        "adapted",
+        "alpha=0.5",
+        "int8",
+        "delta adapted",
+        "delta alpha=0.5",
+        "delta int8",
     ]
     assert rows[("target", "t2i", "R@1")] == ["10.00", "33.50", "20.00", "33.00", "+23.50", "+10.00", "+23.00"]
     assert rows[("target", "t2i", "R@5")] == ["30.25", "60.00", "45.50", "-", "+29.75", "+15.25", "-"]
@@ -166,7 +179,7 @@ def _colors_in_png(path) -> set[tuple[int, int, int]]:
 
 
 def _rgb(hex_color: str) -> tuple[int, int, int]:
-    return tuple(int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+    return tuple(int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
 
 
 def test_write_results_creates_three_files(tmp_path) -> None:
@@ -275,12 +288,14 @@ def _cfg(batch_size: int, gather: bool):
         (1, True, "Each contrastive loss sees one batch of 8 pairs: up to 7 in-batch negatives per pair"),
         (1, False, "Each contrastive loss sees one batch of 8 pairs: up to 7 in-batch negatives per pair"),
         (
-            2, True,
+            2,
+            True,
             "Features are gathered across the 2 processes before the loss, so each contrastive loss "
             "sees 16 pairs: up to 15 in-batch negatives per pair",
         ),
         (
-            2, False,
+            2,
+            False,
             "Features are not gathered across processes (`loss.gather_across_processes: false`), so "
             "each process's contrastive loss sees only its own 8 pairs: up to 7 in-batch negatives "
             "per pair, not 15",

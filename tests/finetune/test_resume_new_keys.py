@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune.checkpoint import ResumeError, TrainerState, check_resumable
-from finetune.config import validate_config
+from finetune.config.load import validate_config
+from finetune.errors import ResumeError
+from finetune.training.checkpoint import TrainerState, check_resumable
 
 TREE = {
     "model": {"name_or_path": "openai/clip-vit-base-patch16"},

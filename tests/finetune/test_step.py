@@ -8,10 +8,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from finetune.losses import ClipInfoNCE
-from finetune.model import TowerLora, add_lora, load_model
-from finetune.step import contrastive_step, gather_features, pair_tensors
-from finetune.towers import logit_scale
+from finetune.models.load import load_model
+from finetune.models.lora import TowerLora, add_lora
+from finetune.models.towers import logit_scale
+from finetune.training.losses import ClipInfoNCE
+from finetune.training.step import contrastive_step, gather_features, pair_tensors
 
 CAPTIONS = ["a red circle", "two blue squares", "a green triangle", "a small star", "a ring", "a bar"]
 
@@ -93,7 +94,7 @@ def test_accumulated_gradients_equal_the_mean_of_micro_batch_gradients(adapted):
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.2])
 def test_fused_adamw_takes_the_per_tensor_loops_steps_within_rounding(weight_decay):
-    from finetune.step import build_adamw
+    from finetune.training.step import build_adamw
 
     g = torch.Generator().manual_seed(0)
     start = [torch.randn(shape, generator=g) for shape in ((64, 8), (8, 64), (32,), ())]
@@ -118,7 +119,9 @@ def test_fused_adamw_takes_the_per_tensor_loops_steps_within_rounding(weight_dec
 
 
 def test_fp16_keeps_the_unfused_step_that_loss_scaling_can_skip():
-    from finetune.step import build_adamw
+    from finetune.training.step import build_adamw
 
-    optimizer = build_adamw([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0, mixed_precision="fp16")
+    optimizer = build_adamw(
+        [torch.nn.Parameter(torch.zeros(2))], lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0, mixed_precision="fp16"
+    )
     assert not optimizer.param_groups[0]["fused"]

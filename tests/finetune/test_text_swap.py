@@ -8,11 +8,19 @@ import torch
 from transformers import CLIPModel, CLIPProcessor, VisionTextDualEncoderModel
 
 from data_tools.multilingual import parallel_text_rows
-from finetune.distill import DistillationLoss, DistillSettings, ParallelTextCollator, distill_text_tower, save_base_model
-from finetune.model import TowerLora, load_model
-from finetune.report import format_language_table
-from finetune.text_swap import TextSwapError, build_text_tower_swap, text_swap_config
-from finetune.towers import image_features, model_layout, text_features
+from finetune.errors import TextSwapError
+from finetune.evaluation.report import format_language_table
+from finetune.models.load import load_model
+from finetune.models.lora import TowerLora
+from finetune.models.text_swap import build_text_tower_swap, text_swap_config
+from finetune.models.towers import image_features, model_layout, text_features
+from finetune.training.distill import (
+    DistillationLoss,
+    DistillSettings,
+    ParallelTextCollator,
+    distill_text_tower,
+    save_base_model,
+)
 
 
 @pytest.fixture
@@ -45,7 +53,9 @@ def test_swap_keeps_clips_image_side_exactly(swapped, tiny_clip_dir, tmp_path):
 
 
 def test_swap_errors_name_the_recipe_key(tiny_clip_dir, tiny_xlmr_dir, tmp_path):
-    with pytest.raises(TextSwapError, match=r"model\.name_or_path: model\.text_tower swaps the text tower of a CLIP checkpoint; .* is a XLMRobertaConfig"):
+    with pytest.raises(
+        TextSwapError, match=r"model\.name_or_path: model\.text_tower swaps the text tower of a CLIP checkpoint; .* is a XLMRobertaConfig"
+    ):
         text_swap_config(str(tiny_xlmr_dir), str(tiny_xlmr_dir))
     with pytest.raises(TextSwapError, match=r"model\.text_tower: could not load a text encoder config from local folder"):
         text_swap_config(str(tiny_clip_dir), str(tmp_path))
@@ -66,8 +76,19 @@ def test_distillation_loss_matches_a_hand_computation():
 
 def settings(text_training: str, steps: int) -> DistillSettings:
     return DistillSettings(
-        text_training=text_training, mse_weight=1.0, cosine_weight=1.0, lr=3e-3, batch_size=16, max_steps=steps,
-        warmup_steps=0, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0, max_grad_norm=1.0, scheduler="constant", seed=0,
+        text_training=text_training,
+        mse_weight=1.0,
+        cosine_weight=1.0,
+        lr=3e-3,
+        batch_size=16,
+        max_steps=steps,
+        warmup_steps=0,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        scheduler="constant",
+        seed=0,
         log_every_steps=1,
     )
 
@@ -96,7 +117,14 @@ def test_distillation_moves_only_the_text_side_towards_the_teacher(swapped, tiny
     lora = TowerLora(enabled=True, rank=4, alpha=8.0, dropout=0.0, target_modules=("query", "value"), layers=None)
     log = tmp_path / "distill_log.jsonl"
     student, last = distill_text_tower(
-        model, teacher, collator, pairs, settings=settings(text_training, 40), text_lora=lora, accelerator=Accelerator(cpu=True), log_file=log,
+        model,
+        teacher,
+        collator,
+        pairs,
+        settings=settings(text_training, 40),
+        text_lora=lora,
+        accelerator=Accelerator(cpu=True),
+        log_file=log,
     )
     assert type(student) is VisionTextDualEncoderModel  # LoRA merged: an ordinary dual encoder either way
     assert not any("lora_" in n for n, _ in student.named_parameters())
@@ -120,7 +148,11 @@ def test_language_table_puts_languages_side_by_side():
     table = format_language_table(results, ["en", "de"], reference="original_clip")
     lines = table.splitlines()
     assert lines[0].split("|")[1:4] == [" lang ", " model         ", " t2i R@1 "]
-    row = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]] for line in lines[2:] if line.startswith("| ")}
+    row = {
+        tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]]
+        for line in lines[2:]
+        if line.startswith("| ")
+    }
     assert row[("de", "adapted")] == ["66.50", "76.50", "86.50", "66.50", "76.50", "86.50", "-2.50"]
     assert row[("en", "original-clip")][-1] == "-1.00"  # the final model's English minus the original tower's
     assert row[("en", "zero-shot")][-1] == ""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPModel, CLIPTokenizer, CLIPTokenizerFast
 
-from finetune.tiny_clip import (
+from finetune.models.tiny_clip import (
     BYTE_SYMBOLS,
     END_OF_WORD,
     FIXED_VOCAB_SIZE,

@@ -13,8 +13,14 @@ from transformers import (
     XLMRobertaConfig,
 )
 
-from finetune.model import LoraSetupError, TowerLora, add_lora, lora_gradient_report, trainable_parameters_by_tower
-from finetune.towers import (
+from finetune.errors import LoraSetupError
+from finetune.models.lora import (
+    TowerLora,
+    add_lora,
+    lora_gradient_report,
+    trainable_parameters_by_tower,
+)
+from finetune.models.towers import (
     image_features,
     logit_scale,
     model_layout,
@@ -33,8 +39,13 @@ def dual_encoder() -> VisionTextDualEncoderModel:
     torch.manual_seed(0)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
     text = XLMRobertaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-        max_position_embeddings=40, pad_token_id=1,
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        max_position_embeddings=40,
+        pad_token_id=1,
     )
     config = VisionTextDualEncoderConfig.from_vision_text_configs(vision, text, projection_dim=16)
     return VisionTextDualEncoderModel(config)
@@ -63,8 +74,11 @@ def test_dual_encoder_layout_comes_from_each_towers_config_class(dual_encoder):
 
 def test_lora_on_a_dual_encoder_targets_xlmr_names_per_tower(dual_encoder):
     model = add_lora(
-        dual_encoder, vision=lora(4, ("q_proj", "v_proj")), text=lora(2, ("query", "value")),
-        train_projections=False, train_logit_scale=False,
+        dual_encoder,
+        vision=lora(4, ("q_proj", "v_proj")),
+        text=lora(2, ("query", "value")),
+        train_projections=False,
+        train_logit_scale=False,
     )
     wrapped = {n for n, _ in model.named_modules() if n.endswith(".lora_A.default")}
     text_sites = {n for n in wrapped if ".text_model." in n}
@@ -91,5 +105,8 @@ def test_lora_on_a_dual_encoder_targets_xlmr_names_per_tower(dual_encoder):
 
 
 def test_clip_module_names_on_xlmr_fail_with_the_names_that_exist(dual_encoder):
-    with pytest.raises(LoraSetupError, match=r"lora\.text\.target_modules: \['q_proj'\] match no Linear layer in the text tower; available: .*attention\.self\.query"):
+    with pytest.raises(
+        LoraSetupError,
+        match=r"lora\.text\.target_modules: \['q_proj'\] match no Linear layer in the text tower; available: .*attention\.self\.query",
+    ):
         add_lora(dual_encoder, vision=lora(2, ("q_proj",)), text=lora(2, ("q_proj",)), train_projections=False, train_logit_scale=False)

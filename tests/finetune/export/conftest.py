@@ -8,26 +8,38 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.config import save_config, validate_config
-from finetune.model import add_lora, load_model, save_adapter
-from finetune.towers import logit_scale
+from finetune.config.load import save_config, validate_config
+from finetune.models.adapter import save_adapter
+from finetune.models.load import load_model
+from finetune.models.lora import add_lora
+from finetune.models.towers import logit_scale
 
 
-def make_run(run_dir: Path, base_dir: Path, *, train_projections: bool = False, train_logit_scale: bool = False,
-             eval_images: int = 24, export: dict | None = None, target_domain: str = "target",
-             lora_scale: float = 0.3) -> Path:
-    cfg = validate_config({
-        "model": {"name_or_path": str(base_dir), "train_projections": train_projections, "train_logit_scale": train_logit_scale},
-        "data": {
-            "train": {"synthetic": {"domain": "target", "num_images": 8}},
-            "eval": {
-                "target": {"synthetic": {"domain": target_domain, "num_images": eval_images, "seed": 1}},
-                "source": {"synthetic": {"domain": "source", "num_images": eval_images, "seed": 1}},
+def make_run(
+    run_dir: Path,
+    base_dir: Path,
+    *,
+    train_projections: bool = False,
+    train_logit_scale: bool = False,
+    eval_images: int = 24,
+    export: dict | None = None,
+    target_domain: str = "target",
+    lora_scale: float = 0.3,
+) -> Path:
+    cfg = validate_config(
+        {
+            "model": {"name_or_path": str(base_dir), "train_projections": train_projections, "train_logit_scale": train_logit_scale},
+            "data": {
+                "train": {"synthetic": {"domain": "target", "num_images": 8}},
+                "eval": {
+                    "target": {"synthetic": {"domain": target_domain, "num_images": eval_images, "seed": 1}},
+                    "source": {"synthetic": {"domain": "source", "num_images": eval_images, "seed": 1}},
+                },
             },
-        },
-        "train": {"max_steps": 1, "output_dir": str(run_dir)},
-        "export": export or {},
-    })
+            "train": {"max_steps": 1, "output_dir": str(run_dir)},
+            "export": export or {},
+        }
+    )
     model, processor = load_model(str(base_dir))
     from finetune.train import tower_lora
 

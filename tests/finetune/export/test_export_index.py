@@ -10,11 +10,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from finetune.cli import main as cli_main
+from finetune.cli.main import main as cli_main
+from finetune.errors import ExportError
 from finetune.export.exporter import export_run
-from finetune.export.index import build_index, choose_factory, exact_neighbours, read_index_manifest, recall_at
-from finetune.export.merge import ExportError
-from finetune.export.search import Searcher
+from finetune.retrieval.index import (
+    build_index,
+    choose_factory,
+    exact_neighbours,
+    read_index_manifest,
+    recall_at,
+)
+from finetune.retrieval.search import Searcher
 
 from .conftest import make_run
 
@@ -95,7 +101,7 @@ def indexed(tmp_path_factory, tiny_clip_dir):
     root = tmp_path_factory.mktemp("indexed")
     run = make_run(root / "run", tiny_clip_dir, eval_images=16)
     export_run(run, root / "export", alpha=1.0, log=lambda *_: None)
-    corpus = '{synthetic: {domain: target, num_images: 40, captions_per_image: 2, seed: 4}}'
+    corpus = "{synthetic: {domain: target, num_images: 40, captions_per_image: 2, seed: 4}}"
     assert cli_main(["index", str(root / "export"), "--corpus", corpus, "--out", str(root / "index"), "--modality", "both"]) == 0
     return root
 
@@ -117,7 +123,7 @@ def test_index_writes_plain_faiss_id_maps_and_a_manifest_that_round_trips(indexe
 
 
 def test_search_text_image_image_to_text_and_fused(indexed, tmp_path, capsys):
-    from data_tools.synthetic import generate_domain
+    from data_tools.synthetic.domains import generate_domain
 
     corpus = generate_domain("target", 40, captions_per_image=2, image_size=32, seed=4)
     image_path = tmp_path / "query.png"
@@ -134,7 +140,9 @@ def test_search_text_image_image_to_text_and_fused(indexed, tmp_path, capsys):
     assert fused["query"]["kind"].startswith("fused")
     # fused vector == normalised mean of the two unit embeddings
     v = searcher.embed_image(str(image_path)) * 0.5 + searcher.embed_text(text) * 0.5
-    assert fused["hits"][0]["score"] == pytest.approx(float(searcher.indexes["image"].search((v / np.linalg.norm(v))[None], 1)[0][0, 0]), abs=1e-4)
+    assert fused["hits"][0]["score"] == pytest.approx(
+        float(searcher.indexes["image"].search((v / np.linalg.norm(v))[None], 1)[0][0, 0]), abs=1e-4
+    )
     assert searcher.cache.hits >= 2  # the text and image embeddings were reused
 
     assert cli_main(["search", str(indexed / "index"), "--image", str(image_path), "-k", "2", "--json"]) == 0
@@ -177,17 +185,40 @@ def test_two_processes_index_the_same_vectors_as_one(indexed, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     root = Path(__file__).resolve().parents[3]
-    corpus = '{synthetic: {domain: target, num_images: 40, captions_per_image: 2, seed: 4}}'
+    corpus = "{synthetic: {domain: target, num_images: 40, captions_per_image: 2, seed: 4}}"
     subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-         str(root / "scripts" / "index.py"), str(indexed / "export"), "--corpus", corpus, "--out", str(tmp_path / "index"),
-         "--modality", "both"],
-        check=True, cwd=root, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(port),
+            str(root / "scripts" / "index.py"),
+            str(indexed / "export"),
+            "--corpus",
+            corpus,
+            "--out",
+            str(tmp_path / "index"),
+            "--modality",
+            "both",
+        ],
+        check=True,
+        cwd=root,
+        timeout=300,
     )
     for kind in ("image", "text"):
         one = faiss.read_index(str(indexed / "index" / f"{kind}.faiss"))
         two = faiss.read_index(str(tmp_path / "index" / f"{kind}.faiss"))
         np.testing.assert_allclose(one.reconstruct_n(0, one.ntotal), two.reconstruct_n(0, two.ntotal), atol=1e-5)
-        pd.testing.assert_frame_equal(pd.read_parquet(indexed / "index" / f"{kind}_ids.parquet"),
-                                      pd.read_parquet(tmp_path / "index" / f"{kind}_ids.parquet"))
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(indexed / "index" / f"{kind}_ids.parquet"), pd.read_parquet(tmp_path / "index" / f"{kind}_ids.parquet")
+        )

@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from finetune.export.merge import ExportError, load_run_for_export, merge_at_alpha, save_export
-from finetune.model import load_model
-from finetune.towers import image_features, logit_scale, text_features
+from finetune.errors import ExportError
+from finetune.export.merge import load_run_for_export, merge_at_alpha, save_export
+from finetune.models.load import load_model
+from finetune.models.towers import image_features, logit_scale, text_features
 
 from .conftest import make_run
 

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from transformers import CLIPModel
 
-from finetune.cli import main as cli_main
+from finetune.cli.main import main as cli_main
+from finetune.errors import ExportError
 from finetune.export import exporter
 from finetune.export.alpha import alpha_name, choose_alpha
-from finetune.export.merge import ExportError
 from finetune.export.quantize import quantize as real_quantize
 
 from .conftest import DEMO_BASE, make_run
@@ -60,8 +60,9 @@ def test_choose_alpha_keeps_the_source_and_says_what_happens_when_nothing_does()
 @pytest.fixture
 def demo_run(tmp_path):
     """The demo base (it retrieves its source domain well), adapters near zero: R@1 far from chance."""
-    return make_run(tmp_path / "run", DEMO_BASE, eval_images=120, target_domain="source", lora_scale=0.01,
-                    export={"max_r1_drop": 2.0})  # 120 images: one query is 0.83 points
+    return make_run(
+        tmp_path / "run", DEMO_BASE, eval_images=120, target_domain="source", lora_scale=0.01, export={"max_r1_drop": 2.0}
+    )  # 120 images: one query is 0.83 points
 
 
 def test_int8_passes_its_gate_and_the_manifest_records_the_measurements(demo_run, tmp_path, capsys):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard, ModelCardData
 
-from finetune.cli import main as cli_main
+from finetune.cli.main import main as cli_main
+from finetune.errors import ExportError
 from finetune.export import push as push_module
-from finetune.export.merge import ExportError
 
 from .conftest import make_run
 
@@ -38,8 +38,15 @@ def test_dry_run_writes_the_folder_and_a_valid_card_with_the_metrics(finished_ru
     assert cli_main(["push", str(finished_run), "--repo", "me/tiny-clip-lora", "--dry-run", "--staging", str(staging)]) == 0
     assert "nothing uploaded" in capsys.readouterr().out
     files = {str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "config.yaml", "README.md", "tokenizer.json",
-            "processor_config.json", "eval/results.json"} <= files
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "config.yaml",
+        "README.md",
+        "tokenizer.json",
+        "processor_config.json",
+        "eval/results.json",
+    } <= files
     card = ModelCard.load(staging / "README.md")
     ModelCardData(**card.data.to_dict(), ignore_metadata_errors=False)  # huggingface_hub's own model-index parsing
     assert card.data.base_model is None and card.data.library_name == "peft"  # a local base is no hub id

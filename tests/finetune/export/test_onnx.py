@@ -5,7 +5,6 @@ nothing, and the dual encoder (XLM-R text tower) exports too."""
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 
@@ -15,14 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_tools.synthetic import generate_domain
-from finetune.cli import main as cli_main
-from finetune.collate import encode_captions, preprocess_images
+from data_tools.collate import encode_captions, preprocess_images
+from data_tools.synthetic.domains import generate_domain
+from finetune.cli.main import main as cli_main
+from finetune.errors import ExportError
 from finetune.export import onnx as onnx_export
 from finetune.export.exporter import export_run, load_export
-from finetune.export.merge import ExportError, file_sha256
+from finetune.export.merge import file_sha256
 from finetune.export.onnx import OnnxEmbedder, OnnxTowers
-from finetune.towers import image_features, text_features
+from finetune.models.towers import image_features, text_features
 
 from .conftest import DEMO_BASE, make_run
 
@@ -200,8 +200,9 @@ def test_a_broken_graph_trips_the_parity_gate_and_writes_nothing(tiny_export, tm
 def demo_export(tmp_path_factory):
     """The demo base (it retrieves its source domain far above chance) exported by the command with --onnx-int8."""
     root = tmp_path_factory.mktemp("onnx-demo")
-    run = make_run(root / "run", DEMO_BASE, eval_images=120, target_domain="source", lora_scale=0.01,
-                   export={"max_r1_drop": 2.0})  # 120 images: one query is 0.83 points
+    run = make_run(
+        root / "run", DEMO_BASE, eval_images=120, target_domain="source", lora_scale=0.01, export={"max_r1_drop": 2.0}
+    )  # 120 images: one query is 0.83 points
     import contextlib
     import io
 
@@ -240,8 +241,7 @@ def test_an_int8_graph_that_loses_r1_trips_the_gate(demo_export, tmp_path, monke
     real_quantize = onnx_export.quantize_towers_int8
     reuse_graphs(monkeypatch, demo_export[1] / "onnx")
     monkeypatch.setattr(onnx_export, "quantize_towers_int8", quantize_then_break)
-    run = make_run(tmp_path / "run", DEMO_BASE, eval_images=120, target_domain="source", lora_scale=0.01,
-                   export={"max_r1_drop": 2.0})
+    run = make_run(tmp_path / "run", DEMO_BASE, eval_images=120, target_domain="source", lora_scale=0.01, export={"max_r1_drop": 2.0})
     out = tmp_path / "export"
     assert cli_main(["export", str(run), "--out", str(out), "--onnx-int8"]) == 3
     err = capsys.readouterr().err
@@ -252,7 +252,7 @@ def test_an_int8_graph_that_loses_r1_trips_the_gate(demo_export, tmp_path, monke
 def test_the_dual_encoder_with_an_xlmr_text_tower_exports_both_towers_with_external_data(
     tmp_path, tiny_clip_dir, tiny_xlmr_dir, monkeypatch
 ):
-    from finetune.text_swap import build_text_tower_swap
+    from finetune.models.text_swap import build_text_tower_swap
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # the path a > 1.5 GB model takes
     torch.manual_seed(0)
@@ -290,9 +290,9 @@ def test_the_service_answers_from_the_onnx_graphs_like_from_pytorch(tiny_export,
     torch backend (fp32 graphs to 1e-4 in score), and /info names the backend."""
     from fastapi.testclient import TestClient
 
-    from finetune.export.search import Searcher
-    from finetune.serve.app import build_app
-    from finetune.serve.limits import Batching, Limits
+    from finetune.retrieval.search import Searcher
+    from finetune.retrieval.serve.app import build_app
+    from finetune.retrieval.serve.limits import Batching, Limits
 
     out, _ = tiny_export
     corpus = "{synthetic: {domain: target, num_images: 24, captions_per_image: 2, seed: 4}, label_column: label}"

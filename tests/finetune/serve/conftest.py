@@ -7,13 +7,14 @@ import io
 from pathlib import Path
 
 import pytest
-
-from export.conftest import make_run  # tests/finetune/export/conftest.py: a run folder without training
+from export.conftest import (
+    make_run,  # tests/finetune/export/conftest.py: a run folder without training
+)
 
 
 @pytest.fixture(scope="session")
 def tiny_index(tmp_path_factory, tiny_clip_dir) -> Path:
-    from finetune.cli import main as cli_main
+    from finetune.cli.main import main as cli_main
     from finetune.export.exporter import export_run
 
     root = tmp_path_factory.mktemp("served")
@@ -26,14 +27,14 @@ def tiny_index(tmp_path_factory, tiny_clip_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def corpus():
-    from data_tools.synthetic import generate_domain
+    from data_tools.synthetic.domains import generate_domain
 
     return generate_domain("target", 40, captions_per_image=2, image_size=32, seed=4)
 
 
 @pytest.fixture(scope="session")
 def searcher(tiny_index):
-    from finetune.export.search import Searcher
+    from finetune.retrieval.search import Searcher
 
     return Searcher(tiny_index)
 

@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from finetune.serve.app import build_app
-from finetune.serve.limits import Batching, Limits
+from finetune.retrieval.serve.app import build_app
+from finetune.retrieval.serve.limits import Batching, Limits
 
 from .conftest import png_bytes
 
 
 def make_client(searcher, *, limits: Limits | None = None, batching: Batching | None = None, cache_size: int = 64):
-    app = build_app(searcher, limits=limits or Limits(max_k=20), batching=batching or Batching(max_wait_ms=2.0),
-                    cache_size=cache_size, backend="torch")
+    app = build_app(
+        searcher, limits=limits or Limits(max_k=20), batching=batching or Batching(max_wait_ms=2.0), cache_size=cache_size, backend="torch"
+    )
     return TestClient(app)
 
 
@@ -60,8 +61,9 @@ def test_fused_equals_searchers_fused_result(client, searcher, corpus, tmp_path)
     path = tmp_path / "q.png"
     corpus["image"][3].save(path)
     text = corpus["caption"][11][1]
-    served = client.post("/search", files={"image": ("q.png", path.read_bytes(), "image/png")},
-                         data={"text": text, "weight": "0.3", "k": "6"}).json()
+    served = client.post(
+        "/search", files={"image": ("q.png", path.read_bytes(), "image/png")}, data={"text": text, "weight": "0.3", "k": "6"}
+    ).json()
     reference = searcher.search(text=text, image=str(path), weight=0.3, k=6)
     assert served["query"]["kind"] == reference["query"]["kind"] == "fused (image weight 0.3)"
     assert served["hits"] == reference["hits"]
@@ -83,8 +85,11 @@ def test_filters_keep_only_matching_rows_and_widen_until_k(client, searcher, cor
     assert [h["image_id"] for h in got["hits"]] == expected and [h["rank"] for h in got["hits"]] == [1, 2, 3]
     assert len(unfiltered) == 20
     # a filter on another id-map field, in a multipart form
-    one = client.post("/search", files={"image": ("q.png", png_bytes(corpus["image"][5]), "image/png")},
-                      data={"filters": json.dumps({"image_id": "9"}), "k": "5"}).json()
+    one = client.post(
+        "/search",
+        files={"image": ("q.png", png_bytes(corpus["image"][5]), "image/png")},
+        data={"filters": json.dumps({"image_id": "9"}), "k": "5"},
+    ).json()
     assert [h["image_id"] for h in one["hits"]] == ["9"]
 
 

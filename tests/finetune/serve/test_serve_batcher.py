@@ -9,11 +9,11 @@ import httpx
 import numpy as np
 import pytest
 
-from finetune.export.embedder import TorchEmbedder, load_embedder
-from finetune.export.merge import ExportError
-from finetune.serve.app import build_app
-from finetune.serve.batcher import MicroBatcher
-from finetune.serve.limits import Batching, Limits
+from finetune.errors import ExportError
+from finetune.retrieval.embedders import TorchEmbedder, load_embedder
+from finetune.retrieval.serve.app import build_app
+from finetune.retrieval.serve.batcher import MicroBatcher
+from finetune.retrieval.serve.limits import Batching, Limits
 
 from .conftest import png_bytes
 

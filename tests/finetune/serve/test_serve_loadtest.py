@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from finetune.cli import main as cli_main
+from finetune.cli.main import main as cli_main
 
 
 def run_loadtest(index, tmp_path, capsys, *extra):
@@ -50,11 +50,11 @@ def test_loadtest_batching_on_and_off(tiny_index, tmp_path, capsys):
 
 def test_serve_command_refuses_a_missing_index(tmp_path, capsys):
     assert cli_main(["serve", str(tmp_path / "nothing")]) == 2
-    assert "manifest.json not found" in capsys.readouterr().err
+    assert "nothing: no such index folder" in capsys.readouterr().err
 
 
 def test_only_loopback_hosts_count_as_local():
-    from finetune.serve.command import is_loopback
+    from finetune.cli.serve import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")

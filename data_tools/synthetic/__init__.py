@@ -1,0 +1,1 @@
+"""Demo-only data: the procedural image domains, parallel multilingual captions, tokenizer building."""

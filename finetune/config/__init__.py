@@ -1,0 +1,1 @@
+"""The recipe: schema (typed sections), load (YAML + overrides + every error at once), specs (recipe -> datasets)."""

@@ -1,0 +1,1 @@
+"""Evaluation: embed eval sets, metrics (math only), reports, the model card."""

@@ -1,0 +1,1 @@
+"""Training: the data as the loop sees it, the step, losses, checkpoints, distillation, mining hooks."""
