@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from finetune.config.load import load_config
 
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_config(args.recipe, args.overrides)  # a recipe problem answers before anything heavy loads
 
     from finetune.quiet import quiet_third_party_notices
 

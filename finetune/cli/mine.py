@@ -23,45 +23,36 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from finetune.config.load import load_config
+
+    cfg = load_config(args.recipe, args.overrides)  # a recipe problem answers before anything heavy loads
+    if cfg.model.text_tower is not None and args.adapter is None:
+        raise ConfigError(
+            args.recipe, ["model.text_tower: the swapped text tower is untrained before its run; mine with --adapter RUN_DIR"]
+        )
+
+    from finetune.quiet import quiet_third_party_notices
+
+    quiet_third_party_notices()
     import torch
 
     from data_tools.loading import load_image_text_dataset
-    from data_tools.mining import (
-        compose_batches,
-        format_guard_counts,
-        negatives_by_anchor,
-    )
-    from finetune.quiet import quiet_third_party_notices
-    from finetune.training.mining import (
-        MINING_DIR,
-        mine_training_set,
-        mining_settings,
-        negatives_name,
-        summarize,
-        write_negatives,
-    )
-
-    quiet_third_party_notices()
-    from finetune.config.load import load_config
+    from data_tools.mining import compose_batches, format_guard_counts, negatives_by_anchor
     from finetune.config.specs import dataset_arguments, resolve_max_text_length
     from finetune.models.adapter import load_adapted
     from finetune.models.load import load_model, set_image_size
     from finetune.training.data import build_sampler, build_training_set
+    from finetune.training.mining import MINING_DIR, mine_training_set, mining_settings, negatives_name, summarize, write_negatives
 
-    if True:
-        cfg = load_config(args.recipe, args.overrides)
-        if cfg.model.text_tower is not None and args.adapter is None:
-            raise ConfigError(
-                args.recipe, ["model.text_tower: the swapped text tower is untrained before its run; mine with --adapter RUN_DIR"]
-            )
-        max_text_length = resolve_max_text_length(cfg)
-        if args.adapter:
-            model, processor = load_adapted(args.adapter)
-        else:
-            model, processor = load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-            set_image_size(processor, cfg.data.image_size)
-        primary = load_image_text_dataset(key="data.train", **dataset_arguments(cfg.data.train, cfg.train.seed))
-        train = build_training_set(cfg.model_copy(update={"data": cfg.data.model_copy(update={"replay": []})}), primary, [])
+    max_text_length = resolve_max_text_length(cfg)
+    if args.adapter:
+        model, processor = load_adapted(args.adapter)
+    else:
+        model, processor = load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+        set_image_size(processor, cfg.data.image_size)
+    primary = load_image_text_dataset(key="data.train", **dataset_arguments(cfg.data.train, cfg.train.seed))
+    primary_only = cfg.model_copy(update={"data": cfg.data.model_copy(update={"replay": []})})  # mining reads data.train alone
+    train = build_training_set(primary_only, primary, [])
     settings = mining_settings(cfg)
     out = (
         Path(args.out)
@@ -87,7 +78,7 @@ def run(args) -> int:
         num_pairs=train.num_primary,
         seconds=time.time() - started,
     )
-    base_sampler = build_sampler(cfg.model_copy(update={"data": cfg.data.model_copy(update={"replay": []})}), train)
+    base_sampler = build_sampler(primary_only, train)
     batch = cfg.train.batch_size
     base_order = torch.as_tensor(base_sampler.epoch_order(0, base_sampler.epoch_generator(0))).tolist()
     table = negatives_by_anchor(result.rows["anchor_row"], result.rows["negative_row"], result.rows["score"])

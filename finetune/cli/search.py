@@ -34,6 +34,12 @@ def add_parser(sub) -> None:
     parser.set_defaults(run=run)
 
 
+def require_index_folder(index_dir: str) -> None:
+    """A missing index folder, named before any model or index loads (`search` and `serve`)."""
+    if not Path(index_dir).is_dir():
+        raise ExportError(f"{index_dir}: no such index folder (write one with `domainclip index EXPORT_DIR --corpus ... --out DIR`)")
+
+
 def parse_filters(items: list[str]) -> dict[str, list[str]]:
     filters: dict[str, list[str]] = {}
     for item in items:
@@ -48,8 +54,7 @@ def run(args) -> int:
     # The service's checks and messages, before anything loads.
     check_query(args.text, args.image is not None, args.k, args.weight, Limits())
     filters = parse_filters(args.filter)
-    if not Path(args.index_dir).is_dir():
-        raise ExportError(f"{args.index_dir}: no such index folder (write one with `domainclip index EXPORT_DIR --corpus ... --out DIR`)")
+    require_index_folder(args.index_dir)
     if args.image is not None and not Path(args.image).is_file():
         raise ExportError(f"--image: {args.image} does not exist")
 

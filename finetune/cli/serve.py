@@ -15,7 +15,8 @@ import socket
 import sys
 from pathlib import Path
 
-from finetune.errors import ExportError, ServeError
+from finetune.cli.search import require_index_folder
+from finetune.errors import ServeError
 from finetune.retrieval.serve.limits import Batching, Limits
 
 SETTINGS_ENV = "DOMAINCLIP_SERVE_SETTINGS"
@@ -118,8 +119,7 @@ def run(args) -> int:
         },
         "batching": {"enabled": not args.no_batching, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms},
     }
-    if not Path(args.index_dir).is_dir():
-        raise ExportError(f"{args.index_dir}: no such index folder (write one with `domainclip index EXPORT_DIR --corpus ... --out DIR`)")
+    require_index_folder(args.index_dir)
     if port_in_use(args.host, args.port):
         raise ServeError(409, "port", f"port {args.port} on {args.host} is in use by another process: stop it or pick another with --port")
 

@@ -52,21 +52,22 @@ def load_eval_sets(cfg) -> dict:
     language set stands in as the target the alpha rule and the quality gate read, and says so.
     """
     from data_tools.loading import RetrievalSet, load_image_text_dataset
-    from finetune.config.specs import dataset_arguments
+    from finetune.config.specs import dataset_arguments, eval_specs
 
-    target = cfg.data.eval.target
-    if target is None:
-        languages = cfg.data.eval.languages or {}
+    named = eval_specs(cfg)  # target, source, then one per language code
+    keys = {"target": "data.eval.target", "source": "data.eval.source"}
+    if "target" not in named:
+        languages = [name for name in named if name not in keys]
         if not languages:
             raise ExportError("the run's recipe has neither data.eval.target nor data.eval.languages: nothing to evaluate an export on")
-        code, target = next(iter(languages.items()))
+        code = languages[0]
+        keys["target"] = f"data.eval.languages.{code}"
+        named["target"] = named[code]
         print(f"No data.eval.target in the run's recipe: export evaluates data.eval.languages.{code} as its target")
-    specs = {"target": target}
-    if cfg.data.eval.source is not None:
-        specs["source"] = cfg.data.eval.source
     return {
-        name: RetrievalSet.from_pairs(load_image_text_dataset(key=f"data.eval.{name}", **dataset_arguments(spec, cfg.train.seed)))
-        for name, spec in specs.items()
+        name: RetrievalSet.from_pairs(load_image_text_dataset(key=keys[name], **dataset_arguments(named[name], cfg.train.seed)))
+        for name in ("target", "source")
+        if name in named
     }
 
 
