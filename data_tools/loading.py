@@ -32,56 +32,11 @@ from dataclasses import dataclass
 
 import datasets
 import numpy as np
-from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 from PIL import Image, UnidentifiedImageError
 
-from data_tools.multilingual import generate_synthetic
+from data_tools.hub import hub_or_cache, is_hub_lookup, offline_note
+from data_tools.synthetic.multilingual import generate_synthetic
 from finetune.errors import DataLoadError
-
-
-def is_hub_lookup(name_or_path: str | None, data_files=None) -> bool:
-    """Whether loading `name_or_path` asks the Hugging Face Hub (as opposed to reading local files).
-
-    Local: an existing file or folder, anything that cannot be a repo id (absolute or relative
-    paths), and a builder name (parquet, csv, imagefolder...) whose data_files are all local.
-    None means "unknown": treated as a hub id.
-    """
-    if name_or_path is None:
-        return True
-    if os.path.exists(name_or_path):
-        return False
-    if name_or_path in _PACKAGED_DATASETS_MODULES:
-        return any("://" in f for f in _data_file_strings(data_files))  # hf://, https://, s3://
-    try:
-        validate_repo_id(name_or_path)
-    except HFValidationError:
-        return False  # a path that does not exist: "not found" is the whole story
-    return True
-
-
-def _data_file_strings(data_files) -> list[str]:
-    if data_files is None:
-        return []
-    if isinstance(data_files, (str, os.PathLike)):
-        return [str(data_files)]
-    if isinstance(data_files, dict):
-        return [f for value in data_files.values() for f in _data_file_strings(value)]
-    return [str(f) for f in data_files]
-
-
-def offline_note(name_or_path: str | None = None, data_files=None) -> str:
-    """A sentence to append to a load error when the offline switches are on and the load needed the Hub.
-
-    A missing split of a local folder has nothing to do with being offline, so no note there.
-    `name_or_path=None` means "assume a hub id". The switches are read at call time.
-    """
-    flags = [os.environ.get(name, "").lower() for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")]
-    if not any(flag in ("1", "true", "yes", "on") for flag in flags):
-        return ""
-    if not is_hub_lookup(name_or_path, data_files):
-        return ""
-    return " The machine is offline (HF_HUB_OFFLINE is set): only local folders and the cache can be used."
 
 
 @contextlib.contextmanager
@@ -188,7 +143,8 @@ def _load_raw(
     where = f"{path!r} (split {split!r})"
     builder, files = table_file(path, data_files)  # a bare `data.csv` loads through the csv builder
     try:
-        raw = datasets.load_dataset(builder, name, data_files=files, split=split, revision=revision)
+        with hub_or_cache(path, data_files):
+            raw = datasets.load_dataset(builder, name, data_files=files, split=split, revision=revision)
     except Exception as exc:  # datasets raises many types; the user needs the key and the cause
         raise DataLoadError(
             f"{key}.path: could not load dataset {where}: {type(exc).__name__}: {exc}.{offline_note(path, data_files)}"

@@ -85,6 +85,7 @@ from finetune.models.qlora import (  # noqa: E402
 )
 from finetune.models.text_swap import build_text_tower_swap
 from finetune.models.towers import embedding_dim, logit_scale  # noqa: E402
+from finetune.runfolder import ADAPTER, CHECKPOINTS, CONFIG, EVAL, TRAIN_LOG, ZERO_SHOT
 from finetune.training.checkpoint import (
     TrainerState,
     check_resumable,
@@ -199,7 +200,7 @@ def run(cfg: RecipeConfig) -> int:
             miner=miner,
         )
     except KeyboardInterrupt:  # the state object holds the step reached; the last complete checkpoint is on disk
-        raise TrainingInterrupted(state.step, latest_checkpoint(out / "checkpoints")) from None
+        raise TrainingInterrupted(state.step, latest_checkpoint(out / CHECKPOINTS)) from None
 
     results["adapted"], skipped_eval = evaluate(accelerator.unwrap_model(model), sets=eval_sets, desc="adapted")
     write_artifacts(
@@ -225,7 +226,7 @@ def run(cfg: RecipeConfig) -> int:
 def train_loop(
     cfg, accelerator, model, step, loss_fn, optimizer, scheduler, loader, sampler, state, max_steps, *, evaluate, out, miner=None
 ):
-    log_file = out / "train_log.jsonl"
+    log_file = out / TRAIN_LOG
     progress = tqdm(total=max_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process)
     last_saved = state.step if state.step else -1  # a resumed run starts on a saved checkpoint
     pending_skipped = 0  # unreadable images seen by this process since the last checkpoint
@@ -354,7 +355,7 @@ def build_base_model(cfg: RecipeConfig, accelerator: Accelerator, max_text_lengt
 
 def prepare_output_dir(cfg: RecipeConfig, out: Path, accelerator: Accelerator) -> Path | None:
     """Write the resolved config; find (and vet) the checkpoint to resume from, if any."""
-    root = out / "checkpoints"
+    root = out / CHECKPOINTS
     if accelerator.is_main_process:
         removed = remove_partial_checkpoints(root)
         if removed:
@@ -381,7 +382,7 @@ def prepare_output_dir(cfg: RecipeConfig, out: Path, accelerator: Accelerator) -
         check_resumable(saved, checkpoint, cfg.model_dump(mode="json"), accelerator.num_processes)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / CONFIG)
     return checkpoint
 
 
@@ -443,7 +444,7 @@ def eval_set_notes(eval_sets: dict[str, RetrievalSet]) -> dict[str, str]:
 
 def zero_shot_results(model, evaluate, eval_sets, out: Path, checkpoint: Path | None, accelerator) -> dict:
     """The unadapted model on the same splits; a resumed run keeps the baseline it measured."""
-    path = out / "eval" / "zero_shot.json"
+    path = out / EVAL / ZERO_SHOT
     if checkpoint is not None and path.is_file():
         return json.loads(path.read_text())
     model.to(accelerator.device)
@@ -640,7 +641,7 @@ def resume(accelerator: Accelerator, checkpoint: Path | None, cfg: RecipeConfig,
     accelerator.load_state(str(checkpoint))
     state = TrainerState.from_json(read_trainer_state(checkpoint))
     if accelerator.is_main_process:
-        truncate_log(out / "train_log.jsonl", state.step)
+        truncate_log(out / TRAIN_LOG, state.step)
     accelerator.print(f"Resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, batch {state.batches_done_in_epoch})")
     return state
 
@@ -683,7 +684,7 @@ def checkpoint(accelerator: Accelerator, cfg: RecipeConfig, out: Path, state: Tr
     """Fold this process's unreadable-image count into the state, save; returns the new pending count (0)."""
     skipped = torch.tensor(pending_skipped, device=accelerator.device)
     state.skipped_images += int(accelerator.reduce(skipped, "sum").item())
-    save_checkpoint(accelerator, out / "checkpoints", state.step, state.to_json(), cfg.train.keep_last_checkpoints)
+    save_checkpoint(accelerator, out / CHECKPOINTS, state.step, state.to_json(), cfg.train.keep_last_checkpoints)
     return 0
 
 
@@ -717,16 +718,16 @@ def write_artifacts(
     """Adapter + processor (+ extra trained tensors), results JSON/markdown/PNG, model cards."""
     if not accelerator.is_main_process:
         return
-    adapter_dir = save_adapter(model, processor, out / "adapter")
+    adapter_dir = save_adapter(model, processor, out / ADAPTER)
     notes = eval_set_notes(eval_sets)
     lead = instance_recall_misleads(eval_sets)
-    files = write_results(results, out / "eval", set_notes=notes, lead_with_classes=lead)
+    files = write_results(results, out / EVAL, set_notes=notes, lead_with_classes=lead)
     table = format_results_table(results, lead_with_classes=lead)
     accelerator.print("\n" + table)
     accelerator.print(f"Wrote {files['json']}, {files['md']}, {files['png']}")
     if cfg.data.eval.languages:  # per-language view of the same numbers
         languages = format_language_table(results, list(cfg.data.eval.languages), reference=REFERENCE)
-        atomic_write_text(out / "eval" / "languages.md", languages + "\n")
+        atomic_write_text(out / EVAL / "languages.md", languages + "\n")
         accelerator.print("\n" + languages + f"\nWrote {out / 'eval' / 'languages.md'}")
     if state.skipped_images or any(skipped_eval.values()):
         accelerator.print(f"Skipped unreadable images: train {state.skipped_images}, eval {skipped_eval}")

@@ -26,17 +26,10 @@ def main(argv=None) -> int:
     from data_tools.collate import encode_captions, preprocess_images
     from data_tools.synthetic.domains import generate_domain
     from finetune.export.merge import read_manifest
-    from finetune.export.onnx import (
-        ONNX_DIR,
-        ImageTower,
-        OnnxEmbedder,
-        OnnxTowers,
-        TextTower,
-        measure_side_by_side,
-        row_cosines,
-    )
+    from finetune.export.onnx import ONNX_DIR, ImageTower, TextTower, measure_side_by_side, row_cosines
     from finetune.models.load import load_model
     from finetune.quiet import quiet_third_party_notices
+    from finetune.retrieval.embedders import OnnxEmbedder, OnnxTowers
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("export_dir")

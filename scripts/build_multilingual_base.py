@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
-from data_tools.multilingual import all_multilingual_caption_text, train_xlmr_tokenizer
+from data_tools.synthetic.multilingual import all_multilingual_caption_text
+from data_tools.synthetic.tokenizer import train_xlmr_tokenizer
 
 
 def build_tiny_xlmr(vocab_size: int, width: int, layers: int, max_length: int, seed: int, dropout: float = 0.1):

@@ -129,7 +129,7 @@ class SyntheticSpec(Section):
 
     @model_validator(mode="after")
     def known_languages(self) -> "SyntheticSpec":
-        from data_tools.multilingual import check_languages
+        from data_tools.synthetic.multilingual import check_languages
 
         check_languages(self.languages)
         if self.languages != ["en"] and self.domain != "source":
@@ -712,7 +712,7 @@ class ParallelSyntheticSpec(Section):
 
     @model_validator(mode="after")
     def known_languages(self) -> "ParallelSyntheticSpec":
-        from data_tools.multilingual import check_languages
+        from data_tools.synthetic.multilingual import check_languages
 
         check_languages(self.languages)
         if "en" not in self.languages:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from finetune.io import atomic_open, atomic_write_text
+from finetune.runfolder import RESULTS_JSON
 
 __all__ = ["describe_duplicate_captions", "format_language_table", "format_results_table", "format_set_notes", "write_results"]
 
@@ -193,7 +194,7 @@ def write_results(
         format_set_notes(set_notes)  # validate before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
+    paths = {"json": out / RESULTS_JSON, "md": out / "results.md", "png": out / "results.png"}
 
     lead_with_classes = set(lead_with_classes)
     atomic_write_text(paths["json"], json.dumps(results, indent=2, sort_keys=True, default=_json_default) + "\n")

@@ -5,7 +5,7 @@
         -> [--onnx: both towers as ONNX graphs -> parity gate -> (--onnx-int8: onnxruntime int8 -> gate) -> throughput]
         -> EXPORT_DIR (model.safetensors, processor, config.yaml, manifest.json, eval/, onnx/)
 
-`load_export(EXPORT_DIR)` gives the model back as the manifest says (int8 quantized at load).
+`finetune.export.merge.load_export(EXPORT_DIR)` gives the model back as the manifest says (int8 quantized at load).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from finetune.export.alpha import (
     save_alpha_curve,
 )
 from finetune.export.merge import (
+    FORMAT,
     load_run_for_export,
     merge_at_alpha,
     read_manifest,
@@ -36,12 +37,11 @@ from finetune.export.quantize import (
     embedding_throughput,
     quality_gate,
     quantize,
-    quantize_int8_dynamic,
     state_bytes,
 )
 from finetune.io import atomic_write_text
+from finetune.runfolder import ALPHA_SWEEP, EVAL, ZERO_SHOT
 
-FORMAT = "domainclip-export/1"
 INT8_METHOD = "torch.ao.quantization.quantize_dynamic(nn.Linear, per-channel qint8), applied at load"
 
 
@@ -228,13 +228,13 @@ def export_run(
 def write_export_reports(out: Path, run_dir, results: dict, sweep: dict | None, ex) -> None:
     """eval/ (zero-shot of the run, the merged fp32 model, the quantized one) and alpha_sweep/ when swept."""
     rows = {}
-    zero_shot = Path(run_dir) / "eval" / "zero_shot.json"
+    zero_shot = Path(run_dir) / EVAL / ZERO_SHOT
     if zero_shot.is_file():
         rows["zero_shot"] = json.loads(zero_shot.read_text())
     rows.update(results)
-    write_results(rows, out / "eval", baseline="zero_shot" if "zero_shot" in rows else "fp32")
+    write_results(rows, out / EVAL, baseline="zero_shot" if "zero_shot" in rows else "fp32")
     if sweep:
-        folder = out / "alpha_sweep"
+        folder = out / ALPHA_SWEEP
         write_results(sweep["results"], folder, baseline=alpha_name(0.0))
         choice = sweep["choice"]
         atomic_write_text(
@@ -262,20 +262,6 @@ def measure_throughput(models: dict, processor, rset, max_len: int, n: int = 256
     tokens = encode_captions(processor, rset.captions[:n], max_len)
     speed = embedding_throughput(models, pixels, tokens["input_ids"], tokens["attention_mask"])
     return {name: {k: round(v, 1) for k, v in row.items()} for name, row in speed.items()}
-
-
-def load_export(export_dir: str | os.PathLike):
-    """(model in eval mode, processor, manifest) of an export folder, in the dtype its manifest names."""
-    from finetune.models.load import load_model
-
-    manifest = read_manifest(export_dir)
-    if manifest.get("format") != FORMAT:
-        raise ExportError(f"{export_dir}/manifest.json: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    model, processor = load_model(str(export_dir))
-    model.eval()
-    if manifest["dtype"] == "int8":
-        model = quantize_int8_dynamic(model)
-    return model, processor, manifest
 
 
 def format_export_summary(manifest: dict) -> str:

@@ -25,9 +25,9 @@ from finetune.errors import ExportError
 from finetune.io import atomic_write_text
 from finetune.models.load import save_processor
 from finetune.models.towers import embedding_dim, model_layout
+from finetune.runfolder import CONFIG, MANIFEST, WEIGHTS
 
-MANIFEST = "manifest.json"
-WEIGHTS = "model.safetensors"
+FORMAT = "domainclip-export/1"
 
 
 def merge_at_alpha(peft_model, alpha: float, *, base_logit_scale: torch.Tensor | None = None) -> nn.Module:
@@ -70,7 +70,7 @@ def load_run_for_export(run_dir: str | os.PathLike):
     from finetune.models.adapter import load_adapted
     from finetune.models.load import load_model
 
-    cfg = load_resolved_config(Path(run_dir) / "config.yaml")
+    cfg = load_resolved_config(Path(run_dir) / CONFIG)
     model, processor = load_adapted(run_dir)
     base_scale = None
     if cfg.model.train_logit_scale:
@@ -105,7 +105,7 @@ def save_export(model: nn.Module, processor, cfg, out_dir: str | os.PathLike, ma
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)  # safetensors: transformers writes nothing else
     save_processor(processor, tmp)
-    save_config(cfg, tmp / "config.yaml")
+    save_config(cfg, tmp / CONFIG)
     for name, folder in (extra_dirs or {}).items():
         shutil.move(str(folder), str(tmp / name))
     weights = tmp / WEIGHTS
@@ -134,3 +134,18 @@ def read_manifest(export_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ExportError(f"{path} not found: is {export_dir} a folder written by `domainclip export`?")
     return json.loads(path.read_text())
+
+
+def load_export(export_dir: str | os.PathLike):
+    """(model in eval mode, processor, manifest) of an export folder, in the dtype its manifest names."""
+    from finetune.export.quantize import quantize_int8_dynamic
+    from finetune.models.load import load_model
+
+    manifest = read_manifest(export_dir)
+    if manifest.get("format") != FORMAT:
+        raise ExportError(f"{export_dir}/manifest.json: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    model, processor = load_model(str(export_dir))
+    model.eval()
+    if manifest["dtype"] == "int8":
+        model = quantize_int8_dynamic(model)
+    return model, processor, manifest

@@ -1,4 +1,4 @@
-"""ONNX towers of an export, int8 through ONNX Runtime, and `OnnxEmbedder`, the onnxruntime backend.
+"""ONNX towers of an export and int8 through ONNX Runtime, each checked against PyTorch before it ships.
 
     merged fp32 model -> image tower: pixel_values (B, 3, H, W) -> L2-normalised embedding (B, D)
                       -> text tower:  input_ids, attention_mask (B, L) -> L2-normalised embedding (B, D)
@@ -36,11 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.errors import ExportError, OnnxParityError
-from finetune.export.merge import file_sha256, read_manifest
+from finetune.export.merge import file_sha256
 from finetune.export.quantize import r1_drops
+from finetune.retrieval.embedders import OnnxEmbedder, OnnxTowers, TorchEmbedder, default_threads
+from finetune.runfolder import ONNX as ONNX_DIR
 from finetune.timing import side_by_side
 
-ONNX_DIR = "onnx"
 TOWER_FILES = {"image": "image.onnx", "text": "text.onnx"}
 INT8_FILES = {"image": "image.int8.onnx", "text": "text.int8.onnx"}
 IMAGE_INPUTS = ("pixel_values",)
@@ -169,177 +170,6 @@ def graph_opset(path: str | os.PathLike) -> int:
 
     proto = onnx.load(str(path), load_external_data=False)
     return next(int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-
-
-# ----------------------------------------------------------------------------- onnxruntime sessions
-
-
-def session_options(num_threads: int):
-    """Explicit threads: `num_threads` intra-op (inside one matmul), 1 inter-op (the towers are one chain)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(num_threads)
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only
-    # Idle intra-op threads sleep instead of spinning: in a server the spinning threads would take the
-    # cores the event loop and request parsing need between forwards.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
-
-
-def execution_providers(device: str) -> list[str]:
-    """`cpu`: CPUExecutionProvider; `cuda`: CUDAExecutionProvider first, only when this onnxruntime has it."""
-    import onnxruntime as ort
-
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "cuda":
-        available = ort.get_available_providers()
-        if "CUDAExecutionProvider" not in available:
-            raise ExportError(
-                f"device='cuda': this onnxruntime has no CUDAExecutionProvider (it has {', '.join(available)}); "
-                "install onnxruntime-gpu or use device='cpu'"
-            )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-
-
-def open_session(path: str | os.PathLike, *, num_threads: int, device: str = "cpu"):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), sess_options=session_options(num_threads), providers=execution_providers(device))
-
-
-class OnnxTowers:
-    """The two graph sessions of one folder, on preprocessed arrays (no tokenizer, no processor)."""
-
-    def __init__(self, onnx_dir: str | os.PathLike, files: dict, *, num_threads: int, device: str = "cpu"):
-        self.image = open_session(Path(onnx_dir) / files["image"], num_threads=num_threads, device=device)
-        self.text = open_session(Path(onnx_dir) / files["text"], num_threads=num_threads, device=device)
-
-    def image_embeddings(self, pixel_values: np.ndarray) -> np.ndarray:
-        """(B, 3, H, W) float32 -> (B, D) float32, L2-normalised."""
-        return self.image.run(None, {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)})[0]
-
-    def text_embeddings(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """(B, L) int64 twice -> (B, D) float32, L2-normalised."""
-        feeds = {"input_ids": np.asarray(input_ids, dtype=np.int64), "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
-        return self.text.run(None, feeds)[0]
-
-
-def default_threads() -> int:
-    """What the PyTorch path uses: torch's intra-op threads (OMP_NUM_THREADS / DOMAINCLIP_NUM_THREADS set them)."""
-    return torch.get_num_threads()
-
-
-class OnnxEmbedder:
-    """Embeds captions and images with an export's ONNX towers through onnxruntime.
-
-    Tokenises (`data_tools.collate.encode_captions`, the export's `max_text_length`) and preprocesses
-    (`preprocess_images`, the export's processor) exactly as the PyTorch path does.
-
-    Args:
-        export_dir: a folder written by `domainclip export --onnx` (or `--onnx-int8`).
-        quantized: use the int8 graphs (`--onnx-int8`); an export without them is an error.
-        num_threads: onnxruntime intra-op threads; None = `torch.get_num_threads()`, the same number the
-            PyTorch path would use. Inter-op threads are 1.
-        device: "cpu" (CPUExecutionProvider, the default) or "cuda" (CUDAExecutionProvider, needs
-            onnxruntime-gpu; the CPU provider stays as the fallback for ops CUDA lacks).
-        batch_size: images or captions per session call.
-    """
-
-    def __init__(
-        self,
-        export_dir: str | os.PathLike,
-        *,
-        quantized: bool = False,
-        num_threads: int | None = None,
-        device: str = "cpu",
-        batch_size: int = 64,
-    ):
-        from finetune.models.load import load_model_config
-        from finetune.models.towers import architecture_for
-
-        self.export_dir = Path(export_dir)
-        manifest = read_manifest(self.export_dir)
-        entry = manifest.get("onnx")
-        onnx_dir = self.export_dir / ONNX_DIR
-        if entry is None or not onnx_dir.is_dir():
-            raise ExportError(
-                f"{self.export_dir} holds no ONNX towers ({onnx_dir} or the manifest's 'onnx' entry is missing): "
-                f"export it with `domainclip export RUN --out {self.export_dir} --onnx`"
-            )
-        kind = "int8" if quantized else "fp32"
-        files = entry["files"].get(kind)
-        if files is None:
-            raise ExportError(
-                f"{self.export_dir} holds no int8 ONNX towers: export it with `domainclip export RUN --out {self.export_dir} "
-                "--onnx-int8`, or use quantized=False"
-            )
-        for name in ("image", "text"):
-            if not (onnx_dir / files[name]["file"]).is_file():
-                raise ExportError(f"{onnx_dir / files[name]['file']} is missing (named in {self.export_dir}/manifest.json)")
-        self.manifest = manifest  # the export's manifest.json, as TorchEmbedder has it
-        self.backend = "onnx-int8" if quantized else "onnx"
-        self.quantized = quantized
-        self.num_threads = int(num_threads or default_threads())
-        self.batch_size = batch_size
-        self.max_text_length = int(manifest["max_text_length"])
-        self.embedding_dim = int(manifest["embedding_dim"])
-        config = load_model_config(str(self.export_dir))
-        self.processor = architecture_for(config).processor_class.from_pretrained(self.export_dir)
-        self.towers = OnnxTowers(onnx_dir, {n: files[n]["file"] for n in files}, num_threads=self.num_threads, device=device)
-
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
-        """(N, D) float32, L2-normalised."""
-        from data_tools.collate import encode_captions
-
-        parts = [np.zeros((0, self.embedding_dim), dtype=np.float32)]
-        for start in range(0, len(texts), self.batch_size):
-            tokens = encode_captions(self.processor, list(texts[start : start + self.batch_size]), self.max_text_length)
-            parts.append(self.towers.text_embeddings(tokens["input_ids"].numpy(), tokens["attention_mask"].numpy()))
-        return np.concatenate(parts)
-
-    def embed_images(self, images: list) -> np.ndarray:
-        """(N, D) float32, L2-normalised; `images` are PIL images."""
-        from data_tools.collate import preprocess_images
-
-        parts = [np.zeros((0, self.embedding_dim), dtype=np.float32)]
-        for start in range(0, len(images), self.batch_size):
-            pixels = preprocess_images(self.processor, list(images[start : start + self.batch_size]))
-            parts.append(self.towers.image_embeddings(pixels.numpy()))
-        return np.concatenate(parts)
-
-
-class TorchEmbedder:
-    """The PyTorch reference with OnnxEmbedder's interface: same preprocessing, `finetune.models.towers` forward."""
-
-    def __init__(self, model: nn.Module, processor, max_text_length: int, batch_size: int = 64):
-        self.model, self.processor, self.max_text_length, self.batch_size = model.eval(), processor, max_text_length, batch_size
-
-    @torch.no_grad()
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
-        from data_tools.collate import encode_captions
-
-        tower = TextTower(self.model)
-        parts = []
-        for start in range(0, len(texts), self.batch_size):
-            tokens = encode_captions(self.processor, list(texts[start : start + self.batch_size]), self.max_text_length)
-            parts.append(tower(tokens["input_ids"], tokens["attention_mask"]).float().numpy())
-        return np.concatenate(parts)
-
-    @torch.no_grad()
-    def embed_images(self, images: list) -> np.ndarray:
-        from data_tools.collate import preprocess_images
-
-        tower = ImageTower(self.model)
-        parts = []
-        for start in range(0, len(images), self.batch_size):
-            parts.append(tower(preprocess_images(self.processor, list(images[start : start + self.batch_size]))).float().numpy())
-        return np.concatenate(parts)
 
 
 # ----------------------------------------------------------------------------- parity on an eval set
@@ -479,9 +309,11 @@ def build_onnx(
     towers = {"fp32": TOWER_FILES}
     if int8:
         towers["int8"] = quantize_towers_int8(onnx_dir)
-    embedders = {"pytorch_fp32": TorchEmbedder(model, processor, max_text_length, batch_size)}
+    embedders = {"pytorch_fp32": TorchEmbedder(model.float(), processor, max_text_length, batch_size=batch_size)}
     for kind, files in towers.items():
-        embedders[f"onnx_{kind}"] = _DirEmbedder(onnx_dir, files, processor, max_text_length, batch_size, threads)
+        embedders[f"onnx_{kind}"] = OnnxEmbedder.from_graphs(
+            onnx_dir, files, processor, max_text_length, batch_size=batch_size, num_threads=threads
+        )
     emb = embed_set(embedders, rset, batch_size)
     distinct = emb["distinct"]
 
@@ -538,15 +370,6 @@ def build_onnx(
     if int8:
         entry["int8"] = {"method": INT8_METHOD, "max_r1_drop": max_r1_drop}
     return entry, results
-
-
-class _DirEmbedder(OnnxEmbedder):
-    """OnnxEmbedder over graphs not yet in an export folder (while the export is checked)."""
-
-    def __init__(self, onnx_dir, files, processor, max_text_length, batch_size, threads):
-        self.processor, self.max_text_length, self.batch_size, self.num_threads = processor, max_text_length, batch_size, threads
-        self.towers = OnnxTowers(onnx_dir, files, num_threads=threads)
-        self.embedding_dim = self.towers.image.get_outputs()[0].shape[1]
 
 
 # ----------------------------------------------------------------------------- throughput

@@ -20,23 +20,25 @@ from finetune.config.load import load_resolved_config
 from finetune.config.schema import looks_like_local_path
 from finetune.config.specs import eval_specs
 from finetune.errors import ExportError
-from finetune.export.merge import MANIFEST
+from finetune.models.load import load_model_config
+from finetune.models.towers import architecture_for
+from finetune.runfolder import ADAPTER, ADAPTER_CONFIG, BASE_MODEL_DIR, CONFIG, EVAL, MANIFEST, RESULTS_JSON, WEIGHTS
 
 DRY_RUN_FOLDER = "hub-upload"  # --dry-run's default folder inside RUN_OR_EXPORT_DIR; never uploaded itself
 DIRECTION_NAMES = {"t2i": "text-to-image retrieval", "i2t": "image-to-text retrieval"}
 
 
 def _kind(path: Path) -> str:
-    if (path / MANIFEST).is_file() and (path / "model.safetensors").is_file():
+    if (path / MANIFEST).is_file() and (path / WEIGHTS).is_file():
         return "export"
-    if (path / "adapter" / "adapter_config.json").is_file() and (path / "config.yaml").is_file():
+    if (path / ADAPTER / ADAPTER_CONFIG).is_file() and (path / CONFIG).is_file():
         return "run"
     raise ExportError(f"{path} is neither a run folder (adapter/ + config.yaml) nor an export folder (manifest.json)")
 
 
 def _results(path: Path, kind: str) -> tuple[dict, str, str]:
     """(results rows, baseline row, adapted row) from the folder's eval/results.json."""
-    results_file = path / "eval" / "results.json"
+    results_file = path / EVAL / RESULTS_JSON
     if not results_file.is_file():
         raise ExportError(f"{results_file} not found: the card's metrics come from it")
     rows = json.loads(results_file.read_text())
@@ -60,7 +62,7 @@ def _dataset_of(cfg, eval_set: str) -> tuple[str, str, str | None]:
 
 def build_card(path: Path, repo_id: str) -> ModelCard:
     kind = _kind(path)
-    cfg = load_resolved_config(path / "config.yaml")
+    cfg = load_resolved_config(path / CONFIG)
     rows, baseline, adapted = _results(path, kind)
     labels = {baseline: "zero-shot", adapted: "adapted"}
     eval_results = []
@@ -92,19 +94,28 @@ def build_card(path: Path, repo_id: str) -> ModelCard:
         pipeline_tag="zero-shot-image-classification",
         eval_results=eval_results,
     )
-    table = (path / "eval" / "results.md").read_text() if (path / "eval" / "results.md").is_file() else ""
-    if kind == "run":
+    table = (path / EVAL / "results.md").read_text() if (path / EVAL / "results.md").is_file() else ""
+    if kind == "run" and cfg.model.text_tower is None:
         usage = (
             "```python\nfrom peft import PeftModel\nfrom transformers import CLIPModel, CLIPProcessor\n\n"
             f"model = PeftModel.from_pretrained(CLIPModel.from_pretrained({cfg.model.name_or_path!r}), {repo_id!r})\n"
             f"processor = CLIPProcessor.from_pretrained({repo_id!r})\n```"
         )
+    elif kind == "run":  # the adapter sits on the run's swapped (and distilled) dual encoder, uploaded beside it
+        usage = (
+            "```python\nfrom peft import PeftModel\nfrom transformers import VisionTextDualEncoderModel, VisionTextDualEncoderProcessor\n\n"
+            f"base = VisionTextDualEncoderModel.from_pretrained({repo_id!r}, subfolder={BASE_MODEL_DIR!r})\n"
+            f"model = PeftModel.from_pretrained(base, {repo_id!r})\n"
+            f"processor = VisionTextDualEncoderProcessor.from_pretrained({repo_id!r})\n```"
+        )
     else:
         manifest = json.loads((path / MANIFEST).read_text())
+        arch = architecture_for(load_model_config(str(path)))
+        model_class, processor_class = arch.model_class.__name__, arch.processor_class.__name__
         usage = (
             f"LoRA merged at alpha={manifest['alpha']:g}, stored as {'fp32 (int8 applied at load)' if manifest['dtype'] == 'int8' else manifest['dtype']}.\n\n"
-            "```python\nfrom transformers import CLIPModel, CLIPProcessor\n\n"
-            f"model = CLIPModel.from_pretrained({repo_id!r})\nprocessor = CLIPProcessor.from_pretrained({repo_id!r})\n```"
+            f"```python\nfrom transformers import {model_class}, {processor_class}\n\n"
+            f"model = {model_class}.from_pretrained({repo_id!r})\nprocessor = {processor_class}.from_pretrained({repo_id!r})\n```"
         )
     body = (
         f"# {repo_id.split('/')[-1]}\n\n{cfg.model.name_or_path} adapted with LoRA on both towers by domainclip.\n\n"
@@ -123,15 +134,17 @@ def stage(path: str | Path, repo_id: str, out: str | Path) -> list[str]:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     if kind == "run":
-        shutil.copytree(path / "adapter", out, dirs_exist_ok=True)
-        shutil.copy2(path / "config.yaml", out / "config.yaml")
+        shutil.copytree(path / ADAPTER, out, dirs_exist_ok=True)
+        shutil.copy2(path / CONFIG, out / CONFIG)
+        if (path / BASE_MODEL_DIR).is_dir():  # a text-tower swap: the adapter cannot be used without it
+            shutil.copytree(path / BASE_MODEL_DIR, out / BASE_MODEL_DIR)
     else:
         for item in path.iterdir():
             if item.name.startswith(".") or item.name == DRY_RUN_FOLDER or item.resolve() == out.resolve():
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
-    if (path / "eval").is_dir():
-        shutil.copytree(path / "eval", out / "eval", dirs_exist_ok=True)
+    if (path / EVAL).is_dir():
+        shutil.copytree(path / EVAL, out / EVAL, dirs_exist_ok=True)
     card.save(out / "README.md")
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
 

@@ -14,6 +14,7 @@ from torch import nn
 from finetune.errors import ModelLoadError
 from finetune.models.load import load_model, save_processor
 from finetune.models.towers import architecture_for, model_layout, unwrap
+from finetune.runfolder import ADAPTER, ADAPTER_CONFIG, BASE_MODEL_DIR, CONFIG
 
 EXTRA_TRAINABLES_FILE = "extra_trainables.safetensors"
 
@@ -38,7 +39,7 @@ def save_adapter(model: nn.Module, processor, adapter_dir: str | os.PathLike) ->
     return adapter_dir
 
 
-def load_adapted(run_dir: str | os.PathLike, *, adapter_subdir: str = "adapter"):
+def load_adapted(run_dir: str | os.PathLike, *, adapter_subdir: str = ADAPTER):
     """(adapted model in eval mode, processor) of a finished run, for every command after training.
 
     The base checkpoint, revision and remote-code switch come from the run's resolved `config.yaml`;
@@ -47,12 +48,11 @@ def load_adapted(run_dir: str | os.PathLike, *, adapter_subdir: str = "adapter")
     from finetune.config.load import load_resolved_config
 
     run_dir = Path(run_dir)
-    cfg = load_resolved_config(run_dir / "config.yaml")
+    cfg = load_resolved_config(run_dir / CONFIG)
     adapter = run_dir / adapter_subdir
-    if not (adapter / "adapter_config.json").is_file():
+    if not (adapter / ADAPTER_CONFIG).is_file():
         raise ModelLoadError(f"{adapter} holds no adapter_config.json: is {run_dir} a finished run folder?")
     if cfg.model.text_tower is not None:  # a swapped text tower: the run saved its (distilled) base model
-        from finetune.training.distill import BASE_MODEL_DIR
 
         base, _ = load_model(str(run_dir / BASE_MODEL_DIR), None, cfg.model.trust_remote_code)
     else:  # always the full-precision base, also for a QLoRA run: merges and exports never go into quantized weights

@@ -6,7 +6,7 @@ import os
 
 from transformers import AutoConfig, PretrainedConfig
 
-from data_tools.loading import offline_note
+from data_tools.hub import hub_or_cache, offline_note
 from finetune.errors import ModelLoadError, UnsupportedModelError
 from finetune.models.towers import architecture_for
 
@@ -19,7 +19,8 @@ def _describe(name_or_path: str, revision: str | None) -> str:
 def load_model_config(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> PretrainedConfig:
     """Only config.json: enough to check a recipe against the model before any weights are read."""
     try:
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        with hub_or_cache(name_or_path):
+            config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError, HF hub errors: the user needs the key and the cause
         raise ModelLoadError(
             f"model.name_or_path: could not load the model config from {_describe(name_or_path, revision)}: "
@@ -50,8 +51,9 @@ def load_model(
     if quantization_config is not None:
         quantized = dict(quantization_config=quantization_config, device_map={"": str(device or "cpu")})
     try:
-        model = arch.model_class.from_pretrained(name_or_path, **kwargs, **quantized)
-        processor = arch.processor_class.from_pretrained(name_or_path, **kwargs)
+        with hub_or_cache(name_or_path):
+            model = arch.model_class.from_pretrained(name_or_path, **kwargs, **quantized)
+            processor = arch.processor_class.from_pretrained(name_or_path, **kwargs)
     except Exception as exc:
         raise ModelLoadError(
             f"model.name_or_path: could not load {arch.model_class.__name__} + {arch.processor_class.__name__} "

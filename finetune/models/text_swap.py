@@ -33,14 +33,15 @@ from transformers import (
     VisionTextDualEncoderProcessor,
 )
 
-from data_tools.loading import offline_note
+from data_tools.hub import hub_or_cache, offline_note
 from finetune.errors import TextSwapError
 from finetune.models.towers import TOWER_LAYERS, _lookup
 
 
 def _from_pretrained(key: str, what: str, loader, name_or_path: str, **kwargs):
     try:
-        return loader(name_or_path, **kwargs)
+        with hub_or_cache(name_or_path):
+            return loader(name_or_path, **kwargs)
     except Exception as exc:  # OSError, hub errors: the user needs the key and the cause
         kind = "local folder" if os.path.isdir(name_or_path) else "hub id"
         raise TextSwapError(

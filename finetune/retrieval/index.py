@@ -41,6 +41,7 @@ import torch
 import yaml
 
 from finetune.io import atomic_write_bytes, atomic_write_text
+from finetune.runfolder import MANIFEST
 
 FORMAT = "domainclip-index/1"
 EXACT_BELOW = 4096
@@ -195,16 +196,20 @@ def parse_corpus(text: str):
 
     from finetune.config.load import describe_errors, load_config
     from finetune.config.schema import DatasetSpec
+    from finetune.config.specs import dataset_specs
     from finetune.errors import ConfigError
 
     if text.startswith("recipe:"):
         path, _, key = text[len("recipe:") :].partition(":")
-        cfg = node = load_config(path)
-        for part in (key or "data.eval.target").split("."):
-            node = getattr(node, part, None)
-            if node is None:
-                raise ConfigError(path, [f"--corpus: {key} is not a dataset section of {path}"])
-        return node, cfg.train.seed
+        with warnings.catch_warnings():  # notices about training keys say nothing about a corpus
+            warnings.simplefilter("ignore", UserWarning)
+            cfg = load_config(path)
+        specs = dataset_specs(cfg)  # the one recipe -> datasets resolver: eval languages and replay sets too
+        if not key:  # the set an export is evaluated on: the target, or the first eval language
+            key = "data.eval.target" if "data.eval.target" in specs else next((k for k in specs if k.startswith("data.eval.")), "")
+        if key not in specs:
+            raise ConfigError(path, [f"--corpus: {key or 'data.eval.target'} is not a dataset of {path}; it names {', '.join(specs)}"])
+        return specs[key], cfg.train.seed
     tree = None
     if text.lstrip().startswith("{"):
         tree = yaml.safe_load(text)
@@ -282,7 +287,7 @@ def index_corpus(
     from data_tools.loading import RetrievalSet, load_image_text_dataset
     from finetune.config.specs import dataset_arguments
     from finetune.evaluation.evaluate import embed_retrieval_set
-    from finetune.export.exporter import load_export
+    from finetune.export.merge import load_export
 
     spec, seed = parse_corpus(corpus)
     accelerator = _accelerator()
@@ -338,14 +343,14 @@ def index_corpus(
         "embed_seconds": round(embed_seconds, 2),
         "indexes": indexes,
     }
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def read_index_manifest(index_dir) -> dict:
     from finetune.errors import ExportError
 
-    path = Path(index_dir) / "manifest.json"
+    path = Path(index_dir) / MANIFEST
     if not path.is_file():
         raise ExportError(f"{path} not found: is {index_dir} a folder written by `domainclip index`?")
     manifest = json.loads(path.read_text())

@@ -35,9 +35,9 @@ from finetune.io import atomic_write_text
 from finetune.models.load import load_model, save_processor
 from finetune.models.lora import TowerLora, add_lora
 from finetune.models.towers import model_layout, text_features, unwrap
+from finetune.runfolder import BASE_MODEL_DIR, EVAL
 from finetune.training.step import build_adamw
 
-BASE_MODEL_DIR = "base_model"  # the swapped (and distilled) model a text-tower-swap run's adapter sits on
 REFERENCE = "original_clip"  # results name of the original CLIP scored on the `en` eval set
 LOG_FILE = "distill_log.jsonl"  # stage 1's loss terms (train_log.jsonl is stage 2's, cut back on resume)
 
@@ -276,7 +276,7 @@ def text_swap_stages(cfg, model, processor, *, evaluate, eval_sets: dict, out: P
     Returns (model for stage 2, {results name: metrics}). A resumed run reloads the base model and the
     numbers it wrote instead of distilling again, so stage 2 continues on exactly the same weights.
     """
-    saved = out / "eval" / "text_swap.json"
+    saved = out / EVAL / "text_swap.json"
     if checkpoint is not None and (out / BASE_MODEL_DIR).is_dir() and saved.is_file():
         model, _ = load_model(str(out / BASE_MODEL_DIR))
         accelerator.print(f"Resuming on the swapped base model in {out / BASE_MODEL_DIR}")

@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_tools.hub import is_hub_lookup, offline_note
 from data_tools.loading import (
     RetrievalSet,
     decode_image,
-    is_hub_lookup,
     load_image_text_dataset,
-    offline_note,
     quiet_datasets,
 )
 from data_tools.synthetic.domains import generate_domain

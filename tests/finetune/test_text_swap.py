@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import CLIPModel, CLIPProcessor, VisionTextDualEncoderModel
 
-from data_tools.multilingual import parallel_text_rows
+from data_tools.synthetic.multilingual import parallel_text_rows
 from finetune.errors import TextSwapError
 from finetune.evaluation.report import format_language_table
 from finetune.models.load import load_model

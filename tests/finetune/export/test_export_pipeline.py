@@ -15,6 +15,7 @@ from finetune.cli.main import main as cli_main
 from finetune.errors import ExportError
 from finetune.export import exporter
 from finetune.export.alpha import alpha_name, choose_alpha
+from finetune.export.merge import load_export
 from finetune.export.quantize import quantize as real_quantize
 
 from .conftest import DEMO_BASE, make_run
@@ -77,7 +78,7 @@ def test_int8_passes_its_gate_and_the_manifest_records_the_measurements(demo_run
     assert q["r_at_k_delta_points"]["t2i"]["R@1"] == pytest.approx(
         manifest["results"]["int8"]["target"]["t2i"]["R@1"] - manifest["results"]["fp32"]["target"]["t2i"]["R@1"]
     )
-    model, _, loaded = exporter.load_export(out)
+    model, _, loaded = load_export(out)
     assert loaded["dtype"] == "int8" and any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
     assert "throughput vs fp32" in capsys.readouterr().out
 

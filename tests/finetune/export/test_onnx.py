@@ -19,10 +19,10 @@ from data_tools.synthetic.domains import generate_domain
 from finetune.cli.main import main as cli_main
 from finetune.errors import ExportError
 from finetune.export import onnx as onnx_export
-from finetune.export.exporter import export_run, load_export
-from finetune.export.merge import file_sha256
-from finetune.export.onnx import OnnxEmbedder, OnnxTowers
+from finetune.export.exporter import export_run
+from finetune.export.merge import file_sha256, load_export
 from finetune.models.towers import image_features, text_features
+from finetune.retrieval.embedders import OnnxEmbedder, OnnxTowers, TorchEmbedder
 
 from .conftest import DEMO_BASE, make_run
 
@@ -116,6 +116,23 @@ def test_int8_graphs_are_smaller_and_close(tiny_export):
     for tower in ("image", "text"):
         assert files["int8"][tower]["bytes"] < 0.75 * files["fp32"][tower]["bytes"]
     assert manifest["onnx"]["parity"]["int8"]["min_cosine"] > 0.95  # measured 0.99+ on this tiny model
+
+
+def test_one_interface_torch_and_onnx_embedders_agree(tiny_export):
+    """The torch backend (from the export folder, in batches of 3) and the ONNX backend give the same rows
+    as the reference forward, with the same embedding_dim and the same empty-input shape."""
+    out, manifest = tiny_export
+    model, processor, _ = load_export(out)
+    pics = images(7)
+    ref_image, ref_text = torch_reference(model, processor, pics, CAPTIONS, manifest["max_text_length"])
+    torch_backend = TorchEmbedder.from_export(out, batch_size=3)
+    onnx_backend = OnnxEmbedder(out, num_threads=1, batch_size=3)
+    assert torch_backend.manifest == onnx_backend.manifest == manifest
+    for embedder in (torch_backend, onnx_backend):
+        assert embedder.embedding_dim == manifest["embedding_dim"]
+        np.testing.assert_allclose(embedder.embed_images(pics), ref_image, atol=2e-5)
+        np.testing.assert_allclose(embedder.embed_texts(CAPTIONS), ref_text, atol=2e-5)
+        assert embedder.embed_images([]).shape == embedder.embed_texts([]).shape == (0, manifest["embedding_dim"])
 
 
 def test_embedder_equals_the_torch_path_and_picks_int8_when_asked(tiny_export):
