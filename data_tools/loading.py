@@ -86,12 +86,15 @@ def load_image_text_dataset(
     split_fraction: float | None = None,
     split_part: str = "train",
     split_seed: int = 0,
+    shots_per_class: int | None = None,
+    shots_seed: int = 0,
     report: dict | None = None,
 ) -> datasets.Dataset:
     """Load one split into the normal form above. `key` is the recipe key, quoted in every error.
 
     `report`, when given, receives what normalisation drops: ``empty_captions`` (count) and
-    ``empty_caption_rows`` (the first 5 source rows with an empty or missing caption).
+    ``empty_caption_rows`` (the first 5 source rows with an empty or missing caption); with
+    `shots_per_class`, ``shots_short_classes`` ({class: images} for classes with fewer than k).
 
     datasets' progress bars and info lines are silenced unless the split comes from the Hub.
     """
@@ -113,6 +116,8 @@ def load_image_text_dataset(
             split_fraction=split_fraction,
             split_part=split_part,
             split_seed=split_seed,
+            shots_per_class=shots_per_class,
+            shots_seed=shots_seed,
             report=report,
         )
 
@@ -173,6 +178,8 @@ def _normalize(
     split_fraction: float | None = None,
     split_part: str = "train",
     split_seed: int = 0,
+    shots_per_class: int | None = None,
+    shots_seed: int = 0,
     report: dict | None = None,
 ) -> datasets.Dataset:
     from data_tools.templates import label_captions, pick_template
@@ -205,6 +212,20 @@ def _normalize(
         ids = [ids[r] for r in keep_rows]
         if not ids:
             raise DataLoadError(f"{key}.split_fraction={split_fraction}: no image falls on the {split_part!r} side of {where}")
+    if shots_per_class is not None:  # a seeded k-shot draw by image: all rows of a kept image stay
+        if not label_column:
+            raise DataLoadError(f"{key}.shots_per_class={shots_per_class} draws images per class: {key} is loaded without a label column")
+        keep_rows, short = few_shot_rows(ids, [str(v) for v in raw[label_column]], shots_per_class, shots_seed)
+        raw = raw.select(keep_rows)
+        ids = [ids[r] for r in keep_rows]
+        if short:
+            warnings.warn(
+                f"{key}.shots_per_class={shots_per_class}: {len(short)} class(es) have fewer images and keep all of them: "
+                + ", ".join(f"{label} ({n})" for label, n in short.items()),
+                stacklevel=3,  # the caller of load_image_text_dataset
+            )
+        if report is not None:
+            report["shots_short_classes"] = short
     # Factorize ids in order of first appearance: rows of one image share one integer.
     _, first_index, inverse = np.unique(np.asarray(ids), return_index=True, return_inverse=True)
     order = np.argsort(np.argsort(first_index))
@@ -268,6 +289,30 @@ def _normalize(
     if len(normal) == 0:
         raise DataLoadError(f"{key}: no (image, caption) rows in {where}")
     return normal
+
+
+def few_shot_rows(image_ids: list[str], labels: list[str], k: int, seed: int) -> tuple[list[int], dict[str, int]]:
+    """The rows of a k-shot draw (in their original order) and {class: images} for classes with fewer than k.
+
+    By image: rows sharing an id are one image, whose class is its first row's label. Classes in sorted
+    order, each class's images in order of first appearance, shuffled once by numpy's default_rng(seed);
+    the first k are kept. The shuffle never depends on k, so a seed's k-shot set holds its smaller ones.
+    """
+    first_row: dict[str, int] = {}
+    for row, image_id in enumerate(image_ids):
+        first_row.setdefault(image_id, row)
+    by_class: dict[str, list[str]] = {}
+    for image_id, row in first_row.items():
+        by_class.setdefault(labels[row], []).append(image_id)
+    rng = np.random.default_rng(seed)
+    kept: set[str] = set()
+    short: dict[str, int] = {}
+    for label in sorted(by_class):
+        images = by_class[label]
+        kept.update(images[i] for i in rng.permutation(len(images))[:k])
+        if len(images) < k:
+            short[label] = len(images)
+    return [row for row, image_id in enumerate(image_ids) if image_id in kept], short
 
 
 def in_eval_part(image_id: str, fraction: float, seed: int) -> bool:

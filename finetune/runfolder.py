@@ -16,6 +16,7 @@ CHECKPOINTS = "checkpoints"
 BASE_MODEL_DIR = "base_model"  # a text-tower swap: the swapped (and distilled) model its adapter sits on
 EVAL = "eval"  # results.json / .md / .png, zero_shot.json, per-class plots
 ZERO_SHOT = "zero_shot.json"
+BASELINES = "baselines.json"  # linear probe and k-NN on frozen features, and what their selection picked
 RESULTS_JSON = "results.json"
 DATA_REPORT = "data_report"  # `domainclip data inspect`'s default output, under train.output_dir
 

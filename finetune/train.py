@@ -50,6 +50,7 @@ from finetune.config.specs import (  # noqa: E402
     dataset_arguments,
     dataset_specs,
     eval_set_name,
+    eval_specs,
     resolve_max_text_length,
 )
 from finetune.errors import (  # noqa: E402
@@ -60,8 +61,10 @@ from finetune.errors import (  # noqa: E402
     TrainingInterrupted,
 )
 from finetune.evaluation.card import write_model_card  # noqa: E402
-from finetune.evaluation.evaluate import evaluate_retrieval  # noqa: E402
+from finetune.evaluation.evaluate import baseline_results, evaluate_retrieval  # noqa: E402
 from finetune.evaluation.metrics import duplicate_caption_texts  # noqa: E402
+from finetune.evaluation.prompts import FILE as CLASS_PROMPTS_FILE  # noqa: E402
+from finetune.evaluation.prompts import class_captions, prompts_for_sets, save_class_prompts  # noqa: E402
 from finetune.evaluation.report import (
     describe_duplicate_captions,
     format_language_table,
@@ -85,7 +88,7 @@ from finetune.models.qlora import (  # noqa: E402
 )
 from finetune.models.text_swap import build_text_tower_swap
 from finetune.models.towers import embedding_dim, logit_scale  # noqa: E402
-from finetune.runfolder import ADAPTER, CHECKPOINTS, CONFIG, EVAL, TRAIN_LOG, ZERO_SHOT
+from finetune.runfolder import ADAPTER, BASELINES, CHECKPOINTS, CONFIG, EVAL, TRAIN_LOG, ZERO_SHOT
 from finetune.training.checkpoint import (
     TrainerState,
     check_resumable,
@@ -152,6 +155,7 @@ def run(cfg: RecipeConfig) -> int:
     model, processor = build_base_model(cfg, accelerator, max_text_length)
     set_image_size(processor, cfg.data.image_size)
     train_pairs, eval_sets = build_datasets(cfg, processor.tokenizer, max_text_length, accelerator)
+    prompts = build_class_prompts(cfg, train_pairs, eval_sets, out, accelerator)
     evaluate = partial(
         evaluate_retrieval,
         processor=processor,
@@ -160,10 +164,11 @@ def run(cfg: RecipeConfig) -> int:
         ks=tuple(cfg.eval.ks),
         num_workers=loader_workers(cfg, accelerator),
         accelerator=accelerator,
-        class_prompts=class_prompts(cfg),
+        class_prompts=prompts,
         class_counts=train_pairs.class_counts(),
     )
     results = {"zero_shot": zero_shot_results(model, evaluate, eval_sets, out, checkpoint, accelerator)} if cfg.eval.zero_shot else {}
+    results.update(classification_baselines(cfg, model, processor, train_pairs, eval_sets, out, checkpoint, accelerator, max_text_length))
     if cfg.model.text_tower is not None:  # swapped text tower: original CLIP's English score, stage 1, saved base
         model, swap_results = text_swap_stages(
             cfg, model, processor, evaluate=evaluate, eval_sets=eval_sets, out=out, checkpoint=checkpoint, accelerator=accelerator
@@ -214,6 +219,7 @@ def run(cfg: RecipeConfig) -> int:
         eval_sets,
         out,
         negatives_per_pair=getattr(accelerator.unwrap_model(loss_fn), "negatives_per_pair", lambda: None)(),
+        class_prompts=prompts,
     )
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -416,10 +422,21 @@ def build_datasets(cfg: RecipeConfig, tokenizer, max_text_length: int, accelerat
     return train_pairs, eval_sets
 
 
-def class_prompts(cfg: RecipeConfig) -> dict[str, tuple[list[str], dict[str, str] | None]]:
-    """{eval set: (templates, label_names)} for label-aware evaluation; the bare label without templates."""
-    sets = {"target": cfg.data.eval.target, "source": cfg.data.eval.source}
-    return {name: (spec.caption_templates or ["{label}"], spec.label_names) for name, spec in sets.items() if spec is not None}
+def build_class_prompts(cfg: RecipeConfig, train_pairs, eval_sets: dict[str, RetrievalSet], out: Path, accelerator) -> dict:
+    """{labelled eval set: ClassPrompts}: the recipe's templates, else the class's own captions (training's
+    first); said once, and saved to eval/class_prompts.json for export and the card."""
+    primary = train_pairs.pairs.select(range(train_pairs.num_primary))
+    choices = primary["caption_choices"] if "caption_choices" in primary.column_names else None
+    train_captions = class_captions(train_pairs.labels, primary["caption"], choices)
+    prompts = prompts_for_sets(eval_specs(cfg), eval_sets, train_captions, seed=cfg.train.seed)
+    for name, p in prompts.items():
+        accelerator.print(f"Eval set {name}: {p.describe()}")
+        if p.warning:
+            accelerator.print(f"warning: {p.warning}")
+    if accelerator.is_main_process and prompts:
+        (out / EVAL).mkdir(parents=True, exist_ok=True)
+        save_class_prompts(prompts, out / EVAL / CLASS_PROMPTS_FILE)
+    return prompts
 
 
 def instance_recall_misleads(eval_sets: dict[str, RetrievalSet]) -> list[str]:
@@ -431,9 +448,14 @@ def instance_recall_misleads(eval_sets: dict[str, RetrievalSet]) -> list[str]:
     ]
 
 
-def eval_set_notes(eval_sets: dict[str, RetrievalSet]) -> dict[str, str]:
-    """Per eval set, what a reader of its numbers should know (duplicate caption texts tie exactly)."""
+def eval_set_notes(eval_sets: dict[str, RetrievalSet], class_prompts: dict | None = None) -> dict[str, str]:
+    """Per eval set, what a reader of its numbers should know: duplicate caption texts tie exactly, and
+    which texts its classes were classified against."""
     notes = {name: describe_duplicate_captions(duplicate_caption_texts(rset.captions)) for name, rset in eval_sets.items()}
+    for name, prompts in (class_prompts or {}).items():
+        notes[name] += f" Classification: {prompts.describe(max_classes=20)}." + (
+            f" Warning: {prompts.warning}." if prompts.warning else ""
+        )
     for name in instance_recall_misleads(eval_sets):
         notes[name] += (
             " Most captions repeat another's text (one per class, as in a label-only set), so instance recall "
@@ -453,6 +475,42 @@ def zero_shot_results(model, evaluate, eval_sets, out: Path, checkpoint: Path | 
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(results, indent=2))
     return results
+
+
+def classification_baselines(cfg, model, processor, train_pairs, eval_sets, out: Path, checkpoint, accelerator, max_text_length) -> dict:
+    """Linear probe and k-NN on the base model's frozen image features (eval.baselines), fitted on data.train's
+    labelled images; {} without labels. A resumed run keeps the numbers it measured (eval/baselines.json)."""
+    if not cfg.eval.baselines or train_pairs.labels is None or not any(r.labels is not None for r in eval_sets.values()):
+        return {}
+    path = out / EVAL / BASELINES
+    if checkpoint is not None and path.is_file():
+        return json.loads(path.read_text())["results"]
+    model.to(accelerator.device)
+    train_set = RetrievalSet.from_pairs(train_pairs.pairs.select(range(train_pairs.num_primary)))
+    results, chosen = baseline_results(
+        model,
+        processor,
+        train_set,
+        eval_sets,
+        kinds=tuple(cfg.eval.baselines),
+        batch_size=cfg.eval.batch_size,
+        max_text_length=max_text_length,
+        num_workers=loader_workers(cfg, accelerator),
+        accelerator=accelerator,
+        seed=cfg.train.seed,
+    )
+    for kind, choice in chosen.items():
+        scores = ", ".join(f"{name} top1 {r['classification']['top1']:.2f}" for name, r in results[kind].items())
+        accelerator.print(f"Baseline {kind} ({_describe_choice(choice)}): {scores}")
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"results": results, "chosen": chosen}, indent=2, default=str))
+    return results
+
+
+def _describe_choice(chosen: dict) -> str:
+    knob = "C" if "C" in chosen else "k"
+    return f"{knob}={chosen[knob]:g}, selected on {chosen.get('selected_on', 'holdout')}"
 
 
 def load_base_model(cfg: RecipeConfig, accelerator: Accelerator):
@@ -714,12 +772,13 @@ def write_artifacts(
     eval_sets,
     out: Path,
     negatives_per_pair: float | None = None,
+    class_prompts: dict | None = None,
 ) -> None:
     """Adapter + processor (+ extra trained tensors), results JSON/markdown/PNG, model cards."""
     if not accelerator.is_main_process:
         return
     adapter_dir = save_adapter(model, processor, out / ADAPTER)
-    notes = eval_set_notes(eval_sets)
+    notes = eval_set_notes(eval_sets, class_prompts)
     lead = instance_recall_misleads(eval_sets)
     files = write_results(results, out / EVAL, set_notes=notes, lead_with_classes=lead)
     table = format_results_table(results, lead_with_classes=lead)

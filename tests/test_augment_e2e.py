@@ -78,7 +78,7 @@ def test_augmented_run_trains_on_augmented_batches_and_never_augments_evaluation
     assert read_trainer_state(latest_checkpoint(aug / "checkpoints"))["step"] == 3
     assert (aug / "adapter" / "adapter_model.safetensors").is_file()
     results = json.loads((aug / "eval" / "results.json").read_text())
-    assert set(results) == {"zero_shot", "adapted"} and results["adapted"]["target"]["t2i"]["R@10"] >= 0
+    assert set(results) == {"zero_shot", "adapted", "linear_probe", "knn"} and results["adapted"]["target"]["t2i"]["R@10"] >= 0
     config = (aug / "config.yaml").read_text()
     assert "word_dropout: 0.2" in config and "scan: {caption}" in config
     a, b = trainable_tensors(plain), trainable_tensors(aug)

@@ -102,3 +102,11 @@ def test_help_imports_nothing_heavy():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_tests_mirror_the_package_layout():
+    """tests/finetune/models/ tests finetune/models/, and so on: a test folder names a package folder."""
+    folders = [d for package in PACKAGES for d in (ROOT / "tests" / package).rglob("*") if d.is_dir() and d.name != "__pycache__"]
+    assert len(folders) >= 7
+    unmatched = [str(d.relative_to(ROOT)) for d in folders if not (ROOT / d.relative_to(ROOT / "tests")).is_dir()]
+    assert unmatched == []

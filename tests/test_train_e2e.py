@@ -53,8 +53,11 @@ def assert_run_artifacts(out: Path, sets: set[str], steps: int) -> dict:
     ckpt = latest_checkpoint(out / "checkpoints")
     assert ckpt is not None and read_trainer_state(ckpt)["step"] == steps
     results = json.loads((out / "eval" / "results.json").read_text())
-    assert set(results) == {"zero_shot", "adapted"}
-    for phase in results.values():
+    baselines = {"linear_probe", "knn"} & set(results)  # only with a labelled data.train and labelled eval sets
+    assert set(results) - baselines == {"zero_shot", "adapted"}
+    for name in baselines:
+        assert all(set(results[name][s]) == {"classification", "per_class"} for s in results[name])
+    for phase in (results[n] for n in ("zero_shot", "adapted")):
         assert set(phase) == sets
         for directions in phase.values():
             # sets with a label column add the class-level keys

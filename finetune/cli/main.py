@@ -9,6 +9,7 @@
     domainclip search INDEX_DIR --text "..." | --image PATH [--text "..." --weight 0.5] [-k 10] [--json]
     domainclip serve INDEX_DIR [--host 127.0.0.1 --port 8000 --workers N --backend torch|onnx]
     domainclip push RUN_OR_EXPORT_DIR --repo user/name [--private] [--dry-run]
+    domainclip study shots recipes/demo.yaml [key.sub=value ...] [--shots 1,2,4,8,16] [--seeds 3] [--out DIR]
 
 Parsing imports nothing heavy: torch, transformers and faiss are imported by the command that runs, after
 its arguments were checked, so `--help`, a typo or a missing folder answer at once. The toolkit's own
@@ -20,10 +21,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from finetune.cli import data, export, index, mine, push, search, serve, train, validate
+from finetune.cli import data, export, index, mine, push, search, serve, study, train, validate
 from finetune.errors import DomainClipError
 
-COMMANDS = (train, validate, data, mine, export, index, search, serve, push)  # the order of a project
+COMMANDS = (train, validate, data, mine, export, index, search, serve, push, study)  # the order of a project, then studies
 
 
 def build_parser() -> argparse.ArgumentParser:

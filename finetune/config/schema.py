@@ -185,6 +185,20 @@ class DatasetSpec(Section):
     )
     split_part: Literal["train", "eval"] = Field(default="train", description="With split_fraction: which side this spec keeps.")
     split_seed: int = Field(default=0, description="With split_fraction: same seed, same split.")
+    shots_per_class: int | None = Field(
+        default=None,
+        gt=0,
+        description="Few-shot: keep k images per class (after max_samples and split_fraction), drawn with shots_seed: "
+        "classes in sorted order, one seeded shuffle of each class's images, the first k kept (so a seed's k-shot set "
+        "holds its smaller ones); a class with fewer keeps all, with a warning. Needs label_column. null = every image.",
+    )
+    shots_seed: int = Field(default=0, description="With shots_per_class: same seed, same images.")
+
+    @model_validator(mode="after")
+    def shots_need_labels(self) -> "DatasetSpec":
+        if self.shots_per_class is not None and self.label_column is None:
+            raise ValueError(f"shots_per_class={self.shots_per_class} draws images per class: set label_column too")
+        return self
 
     @model_validator(mode="after")
     def path_xor_synthetic(self) -> "DatasetSpec":
@@ -544,6 +558,11 @@ class EvalConfig(Section):
     every_steps: int | None = Field(default=None, gt=0, description="Evaluate the target set during training.")
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1, description="Recall@K cut-offs.")
     zero_shot: bool = Field(default=True, description="Measure the unadapted model first (the baseline).")
+    baselines: list[Literal["linear_probe", "knn"]] = Field(
+        default_factory=lambda: ["linear_probe", "knn"],
+        description="Classification baselines on the frozen base model's image features, fitted on the labelled data.train "
+        "and reported beside zero-shot and adapted on every labelled eval set ([] turns them off; no effect without labels).",
+    )
 
 
 class ExportConfig(Section):

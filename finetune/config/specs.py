@@ -53,6 +53,8 @@ def dataset_arguments(spec: DatasetSpec, seed: int) -> dict:
         split_fraction=spec.split_fraction,
         split_part=spec.split_part,
         split_seed=spec.split_seed,
+        shots_per_class=spec.shots_per_class,
+        shots_seed=spec.shots_seed,
         path=spec.path,
         name=spec.name,
         revision=spec.revision,

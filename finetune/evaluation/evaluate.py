@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
@@ -20,7 +21,6 @@ from tqdm.auto import tqdm
 
 from data_tools.collate import encode_captions, preprocess_images
 from data_tools.loading import RetrievalSet, decode_image
-from data_tools.templates import label_captions
 from finetune.errors import DataLoadError
 from finetune.evaluation.metrics import (
     class_prompt_embedding,
@@ -167,8 +167,7 @@ def label_aware_metrics(
     rset: RetrievalSet,
     emb: dict,
     *,
-    templates: list[str],
-    label_names: dict[str, str] | None,
+    prompts: dict[str, list[str]] | None,
     class_counts: dict[str, int] | None,
     max_text_length: int,
     ks: tuple[int, ...],
@@ -180,6 +179,7 @@ def label_aware_metrics(
         long_tail        t2i_R@1 and accuracy averaged over head / medium / tail classes
         per_class        {class: {count, group, t2i_R@1, accuracy}}
 
+    `prompts` maps each class to its prompt texts (finetune/evaluation/prompts.py; None: the bare labels).
     Head / medium / tail come from `class_counts` (the training set's pairs per class) when given,
     else from this set's images per class.
     """
@@ -191,19 +191,21 @@ def label_aware_metrics(
     class_id = {c: i for i, c in enumerate(classes)}
     image_class = torch.tensor([class_id[label] for label in labels], dtype=torch.long)  # (N_valid,)
 
-    prompts = [p for c in classes for p in label_captions(c, templates, label_names)]  # (C * T,)
+    texts = [(prompts or {}).get(c) or [c] for c in classes]  # a class without prompts: its bare label
+    flat = [t for class_texts in texts for t in class_texts]  # (P,)
+    prompt_class = torch.arange(len(classes)).repeat_interleave(torch.tensor([len(t) for t in texts]))  # (P,)
     prompt_emb = []
-    for start in range(0, len(prompts), 256):
-        tokens = encode_captions(processor, prompts[start : start + 256], max_text_length)
+    for start in range(0, len(flat), 256):
+        tokens = encode_captions(processor, flat[start : start + 256], max_text_length)
         prompt_emb.append(encode_texts(model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float().cpu())
     model.train(was_training)
-    prompt_emb = torch.cat(prompt_emb).view(len(classes), len(templates), -1)  # (C, T, D)
-    class_emb = class_prompt_embedding(prompt_emb)  # (C, D)
+    prompt_emb = torch.cat(prompt_emb)  # (P, D)
+    class_emb = class_prompt_embedding(prompt_emb, prompt_class, len(classes))  # (C, D)
 
     classification, accuracy = classification_metrics(emb["image_emb"], class_emb, image_class, ks=(1, 5))
     class_retrieval = class_retrieval_metrics(
-        prompt_emb.reshape(len(prompts), -1),
-        torch.arange(len(classes)).repeat_interleave(len(templates)),
+        prompt_emb,
+        prompt_class,
         emb["image_emb"],
         image_class,
         ks=tuple(k for k in ks if k in (1, 5, 10)) or (1,),
@@ -231,14 +233,14 @@ def evaluate_retrieval(
     num_workers: int = 0,
     accelerator: Accelerator | None = None,
     desc: str = "",
-    class_prompts: dict[str, tuple[list[str], dict[str, str] | None]] | None = None,
+    class_prompts: dict | None = None,
     class_counts: dict[str, int] | None = None,
 ) -> tuple[dict, dict]:
     """{set name: {"t2i": {...}, "i2t": {...}, (label-aware keys)}} and {set name: corrupt image count}.
 
     `num_workers` DataLoader processes decode and preprocess the images (the recipe's data.num_workers).
     A set with labels also gets `label_aware_metrics`, with its class prompts from `class_prompts`
-    ({set: (templates, label_names)}; the bare label when a set has none).
+    ({set: finetune.evaluation.prompts.ClassPrompts}; the bare labels for a set without an entry).
     """
     results, corrupt = {}, {}
     for name, rset in sets.items():
@@ -255,15 +257,14 @@ def evaluate_retrieval(
         )
         results[name] = retrieval_metrics(emb["image_emb"], emb["text_emb"], emb["text_to_image"], ks=tuple(ks))
         if rset.labels is not None:
-            templates, label_names = (class_prompts or {}).get(name) or (["{label}"], None)
+            set_prompts = (class_prompts or {}).get(name)
             results[name].update(
                 label_aware_metrics(
                     model,
                     processor,
                     rset,
                     emb,
-                    templates=templates,
-                    label_names=label_names,
+                    prompts=set_prompts.prompts if set_prompts is not None else None,
                     class_counts=class_counts,
                     max_text_length=max_text_length,
                     ks=tuple(ks),
@@ -271,3 +272,57 @@ def evaluate_retrieval(
             )
         corrupt[name] = emb["corrupt_images"]
     return results, corrupt
+
+
+def baseline_results(
+    model: torch.nn.Module,
+    processor,
+    train_set: RetrievalSet,
+    sets: dict[str, RetrievalSet],
+    *,
+    kinds: tuple[str, ...] = ("linear_probe", "knn"),
+    batch_size: int,
+    max_text_length: int,
+    num_workers: int = 0,
+    accelerator: Accelerator | None = None,
+    seed: int = 0,
+) -> tuple[dict, dict]:
+    """({"linear_probe": {set: {...}}, "knn": {set: {...}}}, {kind: what the held-out selection picked}):
+    the cheap options on the frozen model's image features, fitted on the labelled training set and scored on
+    each labelled eval set. Each set gets {"classification": {"top1", "macro_top1"}, "per_class": {class: {"accuracy"}}}. Call with the base (unadapted) model; every process computes the
+    same numbers (the embeddings are gathered), so any may report them.
+    """
+    from finetune.evaluation.baselines import classification_scores, knn, linear_probe
+
+    labelled = {name: rset for name, rset in sets.items() if rset.labels is not None}
+    if train_set.labels is None or not labelled or not kinds:
+        return {}, {}
+
+    def features(rset: RetrievalSet, name: str) -> tuple[torch.Tensor, list[str]]:
+        emb = embed_retrieval_set(
+            model, processor, rset, batch_size=batch_size, max_text_length=max_text_length, num_workers=num_workers,
+            accelerator=accelerator, name=name, desc=f"baselines: {name}",
+        )  # fmt: skip
+        valid = emb["image_valid"].tolist()
+        return F.normalize(emb["image_emb"].float(), dim=-1), [label for label, ok in zip(rset.labels, valid) if ok]
+
+    train_features, train_labels = features(train_set, "data.train")
+    tests = {name: features(rset, name) for name, rset in labelled.items()}
+    # One fit (and one selection of C or k) per baseline, on the training rows only, then every set is scored.
+    all_features = torch.cat([f for f, _ in tests.values()]).numpy()  # (sum N_valid, D)
+    all_labels = [label for _, labels in tests.values() for label in labels]
+    fitters = {"linear_probe": linear_probe, "knn": knn}
+    out: dict = {kind: {} for kind in kinds}
+    chosen: dict = {}
+    for kind in kinds:
+        result = fitters[kind](train_features.numpy(), train_labels, all_features, all_labels, seed=seed)
+        chosen[kind] = result.chosen
+        start = 0
+        for name, (_, labels) in tests.items():
+            top1, macro, per_class = classification_scores(result.predictions[start : start + len(labels)], labels)
+            start += len(labels)
+            out[kind][name] = {
+                "classification": {"top1": top1, "macro_top1": macro},
+                "per_class": {c: {"accuracy": a} for c, a in per_class.items()},
+            }
+    return out, chosen

@@ -382,10 +382,20 @@ def _summarise_ranks(ranks: QueryRanks, ks: tuple[int, ...]) -> dict[str, float]
 # images of the same class changes nothing.
 
 
-def class_prompt_embedding(prompt_emb: torch.Tensor) -> torch.Tensor:
-    """(C, T, D) embeddings of T prompts per class -> (C, D): the mean of the normalised prompt
-    embeddings, normalised again (the CLIP paper's prompt ensemble)."""
-    return F.normalize(F.normalize(prompt_emb.float(), dim=-1).mean(dim=1), dim=-1)
+def class_prompt_embedding(
+    prompt_emb: torch.Tensor, prompt_class: torch.Tensor | None = None, n_classes: int | None = None
+) -> torch.Tensor:
+    """Prompt embeddings -> one embedding per class (C, D): the mean of the class's normalised prompt
+    embeddings, normalised again (the CLIP paper's prompt ensemble).
+
+    Either (C, T, D), T prompts per class, or (P, D) with `prompt_class` (P,) naming each prompt's class
+    in 0..n_classes-1 (classes may have different numbers of prompts)."""
+    if prompt_class is None:
+        return F.normalize(F.normalize(prompt_emb.float(), dim=-1).mean(dim=1), dim=-1)
+    unit = F.normalize(prompt_emb.float(), dim=-1)  # (P, D)
+    sums = torch.zeros(n_classes, unit.shape[1], dtype=unit.dtype).index_add_(0, prompt_class, unit)  # (C, D)
+    counts = torch.bincount(prompt_class, minlength=n_classes).clamp(min=1).to(unit.dtype)[:, None]  # (C, 1)
+    return F.normalize(sums / counts, dim=-1)
 
 
 def classification_metrics(

@@ -38,6 +38,9 @@ _LABEL_INSIDE_ABOVE = 90.0  # bar height (%) above which its value label is draw
 _BASELINE_COLOR = "#9e9e9e"
 _MODEL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 _SHAPE = "{model: {set: {direction: {metric: value}}}}"
+# Classification baselines on the frozen base model's image features (finetune/evaluation/baselines.py):
+# shown beside zero-shot and adapted, last, with no delta column of their own.
+BASELINE_ROWS = ("linear_probe", "knn")
 
 
 def format_results_table(results: Mapping[str, Any], baseline: str = "zero_shot", lead_with_classes: Iterable[str] = ()) -> str:
@@ -62,7 +65,7 @@ def format_results_table(results: Mapping[str, Any], baseline: str = "zero_shot"
     _check_results(results)
     lead_with_classes = set(lead_with_classes)
     names = _model_names(results, baseline)
-    others = [n for n in names if n != baseline] if baseline in results else []
+    others = [n for n in names if n != baseline and n not in BASELINE_ROWS] if baseline in results else []
     if len(others) == 1:
         delta_headers = ["delta"]
     else:
@@ -214,8 +217,10 @@ def write_results(
 def _per_class_rows(results: Mapping[str, Any], eval_set: str, names: Sequence[str]) -> list[tuple[str, dict, list]]:
     """(class, its info, [per-model info]) sorted by count, most frequent first."""
     info: dict[str, dict] = {}
-    for name in names:
-        info.update(results[name].get(eval_set, {}).get(PER_CLASS, {}))
+    for name in names:  # count and group come from the models that have them (baselines report accuracy only)
+        for c, entry in results[name].get(eval_set, {}).get(PER_CLASS, {}).items():
+            if "count" in entry:
+                info.setdefault(c, entry)
     ordered = sorted(info, key=lambda c: (-info[c]["count"], c))
     return [(c, info[c], [results[n].get(eval_set, {}).get(PER_CLASS, {}).get(c, {}) for n in names]) for c in ordered]
 
@@ -259,6 +264,8 @@ def _save_per_class_png(results: Mapping[str, Any], baseline: str, sets: Sequenc
             for col, metric in enumerate(("t2i_R@1", "accuracy")):
                 ax = axes[row][col]
                 for i, name in enumerate(names):
+                    if all(per[i].get(metric) is None for _, _, per in rows):
+                        continue  # a baseline without this metric (linear probe and k-NN have no t2i R@1)
                     heights = [float(m.get(metric) or 0.0) for _, _, per in rows for m in [per[i]]]
                     ax.bar(x + (i - (len(names) - 1) / 2) * width, heights, width, label=_label(name), color=colors[name])
                 ax.set_xticks(x, [f"{c}\n{meta['count']} ({meta['group'][0]})" for c, meta, _ in rows], fontsize=7)
@@ -316,8 +323,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _model_names(results: Mapping[str, Any], baseline: str) -> list[str]:
-    """The baseline first (the anchor every delta refers to), then the others in insertion order."""
-    return ([baseline] if baseline in results else []) + [n for n in results if n != baseline]
+    """The baseline first (the anchor every delta refers to), then the others in insertion order, then the
+    classification baselines (linear probe, k-NN)."""
+    others = [n for n in results if n != baseline and n not in BASELINE_ROWS]
+    return ([baseline] if baseline in results else []) + others + [n for n in BASELINE_ROWS if n in results and n != baseline]
 
 
 def _label(name: str) -> str:
@@ -418,6 +427,12 @@ def _results_markdown(
             "`class_retrieval` counts a retrieved image as relevant when it has the query's class (t2i: one query per "
             "class prompt; i2i: every image against the others); `long_tail` averages per-class t2i R@1 and accuracy "
             "over head / medium / tail classes.\n"
+        )
+    if any(n in results for n in BASELINE_ROWS):
+        text += (
+            "\n`linear-probe` and `knn` are baselines on the frozen base model's image features, fitted on the labelled "
+            "training set (regularisation C or k chosen on a held-out part of it): what the cheap options reach "
+            "without adapting the model. They classify images, so they have class-level accuracy rows only.\n"
         )
     if set_notes:
         text += f"\n{format_set_notes(set_notes)}\n"

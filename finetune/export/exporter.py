@@ -71,6 +71,17 @@ def load_eval_sets(cfg) -> dict:
     }
 
 
+def run_class_prompts(run_dir, cfg, eval_sets: dict) -> dict:
+    """The class prompts the run was evaluated with (eval/class_prompts.json), so the quality gate classifies
+    against the same texts; a run written before they were saved gets them rebuilt from the recipe and the
+    eval sets' own captions."""
+    from finetune.config.specs import eval_specs
+    from finetune.evaluation.prompts import FILE, load_class_prompts, prompts_for_sets
+
+    saved = load_class_prompts(Path(run_dir) / EVAL / FILE)
+    return saved if saved is not None else prompts_for_sets(eval_specs(cfg), eval_sets, None, seed=cfg.train.seed)
+
+
 def text_limit(cfg, model) -> int:
     from finetune.models.towers import model_layout
 
@@ -102,10 +113,18 @@ def export_run(
     ex = cfg.export
     eval_sets = load_eval_sets(cfg)
     max_len = text_limit(cfg, peft_model)
+    prompts = run_class_prompts(run_dir, cfg, eval_sets)
 
     def evaluate(model, sets, desc):
         results, _ = evaluate_retrieval(
-            model, processor, sets, batch_size=cfg.eval.batch_size, max_text_length=max_len, ks=tuple(cfg.eval.ks), desc=desc
+            model,
+            processor,
+            sets,
+            batch_size=cfg.eval.batch_size,
+            max_text_length=max_len,
+            ks=tuple(cfg.eval.ks),
+            desc=desc,
+            class_prompts=prompts,
         )
         return results
 

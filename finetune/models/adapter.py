@@ -53,7 +53,6 @@ def load_adapted(run_dir: str | os.PathLike, *, adapter_subdir: str = ADAPTER):
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise ModelLoadError(f"{adapter} holds no adapter_config.json: is {run_dir} a finished run folder?")
     if cfg.model.text_tower is not None:  # a swapped text tower: the run saved its (distilled) base model
-
         base, _ = load_model(str(run_dir / BASE_MODEL_DIR), None, cfg.model.trust_remote_code)
     else:  # always the full-precision base, also for a QLoRA run: merges and exports never go into quantized weights
         base, _ = load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)

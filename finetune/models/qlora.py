@@ -48,7 +48,23 @@ def prepare_quantized_for_training(model):
     from peft import prepare_model_for_kbit_training
 
     release_checkpoint_mapping(model)
+    keep_4bit_weights_trainable(model)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def keep_4bit_weights_trainable(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, a Linear4bit's first forward without gradients (the zero-shot eval, the
+    baselines) repacks its weight for a gemv kernel that has no backward, and later training forwards
+    keep using it: the first step fails with "a view of a leaf Variable ... in-place operation". A
+    training run keeps the plain layout, so its evals run through the same dequantize + matmul as its steps.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def release_checkpoint_mapping(model) -> None:

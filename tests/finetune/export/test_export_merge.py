@@ -13,8 +13,7 @@ from finetune.errors import ExportError
 from finetune.export.merge import load_run_for_export, merge_at_alpha, save_export
 from finetune.models.load import load_model
 from finetune.models.towers import image_features, logit_scale, text_features
-
-from .conftest import make_run
+from tests.finetune.runs import make_run
 
 
 def embed(model, processor):

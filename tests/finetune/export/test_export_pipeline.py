@@ -17,8 +17,7 @@ from finetune.export import exporter
 from finetune.export.alpha import alpha_name, choose_alpha
 from finetune.export.merge import load_export
 from finetune.export.quantize import quantize as real_quantize
-
-from .conftest import DEMO_BASE, make_run
+from tests.finetune.runs import DEMO_BASE, make_run
 
 
 def test_alpha_sweep_writes_table_curve_and_picks_by_the_rule(tmp_path, tiny_clip_dir):

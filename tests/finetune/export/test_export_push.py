@@ -12,8 +12,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from finetune.cli.main import main as cli_main
 from finetune.errors import ExportError
 from finetune.export import push as push_module
-
-from .conftest import make_run
+from tests.finetune.runs import make_run
 
 RESULTS = {
     "zero_shot": {"target": {"t2i": {"R@1": 1.5, "R@5": 4.0, "mean_rank": 30.0}, "i2t": {"R@1": 2.0, "R@5": 5.0}}},

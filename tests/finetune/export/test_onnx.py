@@ -23,8 +23,7 @@ from finetune.export.exporter import export_run
 from finetune.export.merge import file_sha256, load_export
 from finetune.models.towers import image_features, text_features
 from finetune.retrieval.embedders import OnnxEmbedder, OnnxTowers, TorchEmbedder
-
-from .conftest import DEMO_BASE, make_run
+from tests.finetune.runs import DEMO_BASE, make_run
 
 CAPTIONS = [  # lengths differ from the two example captions the graphs were traced with
     "large round opacity, crimson tint, upper left",

@@ -21,8 +21,7 @@ from finetune.retrieval.index import (
     recall_at,
 )
 from finetune.retrieval.search import Searcher
-
-from .conftest import make_run
+from tests.finetune.runs import make_run
 
 
 def clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:

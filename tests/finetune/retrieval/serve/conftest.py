@@ -7,9 +7,8 @@ import io
 from pathlib import Path
 
 import pytest
-from export.conftest import (
-    make_run,  # tests/finetune/export/conftest.py: a run folder without training
-)
+
+from tests.finetune.runs import make_run  # a run folder without training
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from finetune.config.load import load_config, load_resolved_config, save_config
 from finetune.config.specs import dataset_specs, eval_specs
 from finetune.errors import TrainingInterrupted
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 MULTILINGUAL = "recipes/multilingual_demo.yaml"
 SMALL_MULTILINGUAL = [

@@ -24,7 +24,7 @@ from finetune.models.towers import embedding_dim, model_layout
 from finetune.training.checkpoint import latest_checkpoint
 from finetune.training.step import contrastive_step
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CAPTIONS = ["a red circle", "two blue squares", "a green triangle", "a small star", "a ring", "a bar"]
 TERMS = ["infonce", "hn_infonce", "siglip", "vsepp", "semihard", "margin_ranking", "adversarial"]
 
