@@ -22,9 +22,11 @@ from functools import partial
 from pathlib import Path
 
 from finetune.quiet import quiet_third_party_notices
+from finetune.threads import set_cpu_threads, wait_passively_unless_told
 from finetune.timing import available_cores
 
 quiet_third_party_notices()  # before peft imports bitsandbytes
+wait_passively_unless_told()  # before torch loads OpenMP, which reads OMP_WAIT_POLICY once (finetune/threads.py)
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
@@ -50,7 +52,6 @@ from finetune.config.specs import (  # noqa: E402
     dataset_arguments,
     dataset_specs,
     eval_set_name,
-    eval_specs,
     resolve_max_text_length,
 )
 from finetune.errors import (  # noqa: E402
@@ -319,12 +320,14 @@ def train_loop(
 
 
 def build_accelerator(cfg: RecipeConfig) -> Accelerator:
-    use_all_cores_on_cpu()
+    threads_line = share_cpu_threads()
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         cpu=several_processes_on_cpu(),
     )
+    if threads_line:
+        accelerator.print(threads_line)
     warn_if_cpu_processes_were_dropped(accelerator)
     set_seed(cfg.train.seed)
     return accelerator
@@ -428,7 +431,7 @@ def build_class_prompts(cfg: RecipeConfig, train_pairs, eval_sets: dict[str, Ret
     primary = train_pairs.pairs.select(range(train_pairs.num_primary))
     choices = primary["caption_choices"] if "caption_choices" in primary.column_names else None
     train_captions = class_captions(train_pairs.labels, primary["caption"], choices)
-    prompts = prompts_for_sets(eval_specs(cfg), eval_sets, train_captions, seed=cfg.train.seed)
+    prompts = prompts_for_sets(cfg, eval_sets, train_captions)
     for name, p in prompts.items():
         accelerator.print(f"Eval set {name}: {p.describe()}")
         if p.warning:
@@ -819,20 +822,14 @@ def several_processes_on_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def use_all_cores_on_cpu() -> None:
-    """`accelerate launch` without a config sets OMP_NUM_THREADS=1 for the script, so a CPU run would
-    use one core of many. On CPU, when the only thread setting is that default, share the machine's
-    cores among the local processes. DOMAINCLIP_NUM_THREADS (or OMP_NUM_THREADS > 1) wins."""
+def share_cpu_threads() -> str | None:
+    """On CPU, torch's threads as finetune/threads.py chooses them: the cores other processes leave free, shared
+    among the local processes (OpenMP already told to wait passively, at the top of this file). `accelerate
+    launch` without a config sets OMP_NUM_THREADS=1, which would use one core of many: that 1 is not taken as
+    the user's choice; DOMAINCLIP_NUM_THREADS or any other OMP_NUM_THREADS wins. Returns the line to print."""
     if torch.cuda.is_available():
-        return
-    if os.environ.get("DOMAINCLIP_NUM_THREADS"):
-        torch.set_num_threads(int(os.environ["DOMAINCLIP_NUM_THREADS"]))
-        return
-    launched_by_accelerate = "ACCELERATE_DYNAMO_BACKEND" in os.environ  # set by every `accelerate launch`
-    if launched_by_accelerate and os.environ.get("OMP_NUM_THREADS") == "1":
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // local))
+        return None
+    return set_cpu_threads().describe()
 
 
 def warn_if_cpu_processes_were_dropped(accelerator: Accelerator) -> None:

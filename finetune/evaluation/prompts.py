@@ -95,7 +95,7 @@ def _capped(texts: list[str], seed: int, limit: int) -> list[str]:
 
 
 def build_class_prompts(
-    name: str,
+    key: str,
     classes: list[str],
     *,
     caption_templates: list[str] | None,
@@ -105,7 +105,8 @@ def build_class_prompts(
     seed: int = 0,
     max_per_class: int = MAX_PER_CLASS,
 ) -> ClassPrompts:
-    """The prompts of eval set `name` (its recipe key is `data.eval.<name>`), by the precedence above.
+    """The prompts of the eval set at recipe key `key` (`data.eval.target`, `data.eval.languages.de`), by the
+    precedence above.
 
     Args:
         classes: the set's classes.
@@ -127,7 +128,6 @@ def build_class_prompts(
     bare = [c for c in classes if sources[c] == "bare_label"]
     warning = None
     if bare and looks_like_codes(bare):
-        key = f"data.eval.{name}"
         warning = (
             f"{key}: {len(bare)} of {len(classes)} classes are classified against their bare labels "
             f"({', '.join(repr(c) for c in bare[:4])}{', ...' if len(bare) > 4 else ''}), which look like codes the model "
@@ -161,22 +161,27 @@ def load_class_prompts(path: str | Path) -> dict[str, ClassPrompts] | None:
     return {name: ClassPrompts.from_json(data) for name, data in json.loads(path.read_text()).items()}
 
 
-def prompts_for_sets(specs: dict, sets: dict, train_captions: dict[str, list[str]] | None, *, seed: int) -> dict[str, ClassPrompts]:
-    """{eval set name: ClassPrompts} for every labelled set in `sets` ({name: RetrievalSet}); `specs` are the
-    recipe's eval specs by the same names (finetune.config.specs.eval_specs)."""
+def prompts_for_sets(cfg, sets: dict, train_captions: dict[str, list[str]] | None) -> dict[str, ClassPrompts]:
+    """{eval set name: ClassPrompts} for every labelled set in `sets` ({name: RetrievalSet}, named as
+    results.json names them: target, source, a language code), from the recipe `cfg`'s eval specs."""
+    from finetune.config.specs import dataset_specs, eval_set_name
+
+    keys = {eval_set_name(k): k for k in dataset_specs(cfg, replay=False) if k.startswith("data.eval.")}
+    specs = dataset_specs(cfg, replay=False)
     out = {}
     for name, rset in sets.items():
         if rset.labels is None:
             continue
-        spec = specs.get(name)
+        key = keys.get(name, f"data.eval.{name}")
+        spec = specs.get(key)
         caption_labels = [rset.labels[int(i)] for i in rset.text_to_image]  # (N_txt,) the class of each caption's image
         out[name] = build_class_prompts(
-            name,
+            key,
             sorted(set(rset.labels)),
             caption_templates=spec.caption_templates if spec is not None else None,
             label_names=spec.label_names if spec is not None else None,
             own_captions=class_captions(caption_labels, rset.captions),
             train_captions=train_captions,
-            seed=seed,
+            seed=cfg.train.seed,
         )
     return out

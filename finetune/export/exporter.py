@@ -75,11 +75,10 @@ def run_class_prompts(run_dir, cfg, eval_sets: dict) -> dict:
     """The class prompts the run was evaluated with (eval/class_prompts.json), so the quality gate classifies
     against the same texts; a run written before they were saved gets them rebuilt from the recipe and the
     eval sets' own captions."""
-    from finetune.config.specs import eval_specs
     from finetune.evaluation.prompts import FILE, load_class_prompts, prompts_for_sets
 
     saved = load_class_prompts(Path(run_dir) / EVAL / FILE)
-    return saved if saved is not None else prompts_for_sets(eval_specs(cfg), eval_sets, None, seed=cfg.train.seed)
+    return saved if saved is not None else prompts_for_sets(cfg, eval_sets, None)
 
 
 def text_limit(cfg, model) -> int:

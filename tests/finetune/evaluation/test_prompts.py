@@ -37,11 +37,11 @@ def fresh_accelerator_state():
 
 def test_precedence_templates_then_label_names_then_training_then_own_captions_then_bare_label():
     common = dict(own_captions={"0": ["own zero"], "1": ["own one"]}, train_captions={"0": ["train zero a", "train zero b"]})
-    templated = build_class_prompts("target", ["0", "1"], caption_templates=["a {label}"], label_names={"0": "zero"}, **common)
+    templated = build_class_prompts("data.eval.target", ["0", "1"], caption_templates=["a {label}"], label_names={"0": "zero"}, **common)
     assert templated.prompts == {"0": ["a zero"], "1": ["a 1"]} and set(templated.sources.values()) == {"caption_templates"}
-    named = build_class_prompts("target", ["0", "1"], caption_templates=None, label_names={"0": "zero"}, **common)
+    named = build_class_prompts("data.eval.target", ["0", "1"], caption_templates=None, label_names={"0": "zero"}, **common)
     assert named.prompts == {"0": ["zero"], "1": ["own one"]} and named.sources == {"0": "label_names", "1": "own_captions"}
-    data = build_class_prompts("target", ["0", "1", "2"], caption_templates=None, label_names=None, **common)
+    data = build_class_prompts("data.eval.target", ["0", "1", "2"], caption_templates=None, label_names=None, **common)
     assert data.prompts == {"0": ["train zero a", "train zero b"], "1": ["own one"], "2": ["2"]}
     assert data.sources == {"0": "train_captions", "1": "own_captions", "2": "bare_label"}
     assert data.warning is not None and "data.eval.target.caption_templates" in data.warning and "'2'" in data.warning
@@ -54,9 +54,9 @@ def test_precedence_templates_then_label_names_then_training_then_own_captions_t
 
 def test_a_class_with_many_captions_keeps_a_seeded_draw():
     many = {"0": [f"caption {i}" for i in range(100)]}
-    a = build_class_prompts("t", ["0"], caption_templates=None, label_names=None, own_captions=None, train_captions=many, seed=1)
-    b = build_class_prompts("t", ["0"], caption_templates=None, label_names=None, own_captions=None, train_captions=many, seed=1)
-    c = build_class_prompts("t", ["0"], caption_templates=None, label_names=None, own_captions=None, train_captions=many, seed=2)
+    a = build_class_prompts("data.eval.t", ["0"], caption_templates=None, label_names=None, own_captions=None, train_captions=many, seed=1)
+    b = build_class_prompts("data.eval.t", ["0"], caption_templates=None, label_names=None, own_captions=None, train_captions=many, seed=1)
+    c = build_class_prompts("data.eval.t", ["0"], caption_templates=None, label_names=None, own_captions=None, train_captions=many, seed=2)
     assert a.prompts == b.prompts and a.prompts != c.prompts and len(a.prompts["0"]) == 32
     assert ClassPrompts.from_json(json.loads(json.dumps(a.to_json()))) == a
 
@@ -171,3 +171,31 @@ def test_code_labels_are_classified_against_the_class_captions_and_the_report_sa
     notes = (out / "eval" / "results.md").read_text()
     assert "Classification: class prompts from captions of the class in data.train (8 classes)" in notes
     assert "bare label" not in notes  # the bare codes were never the prompts, so nothing is reported as if they were
+
+
+def test_a_labelled_language_eval_set_gets_class_prompts_under_its_own_recipe_key():
+    """data.eval.languages.<code> sets are classified like target and source, and warnings name their key."""
+    from data_tools.loading import RetrievalSet, load_image_text_dataset
+    from finetune.config.load import validate_config
+    from finetune.config.specs import dataset_arguments, eval_specs
+    from finetune.evaluation.prompts import prompts_for_sets
+
+    labelled = {"synthetic": {"domain": "target", "num_images": 8, "seed": 1}, "label_column": "label"}
+    cfg = validate_config(
+        {
+            "model": {"name_or_path": "unused"},
+            "data": {"train": {"synthetic": {"domain": "target", "num_images": 8}}, "eval": {"languages": {"de": labelled}}},
+            "train": {"max_steps": 1},
+        }
+    )
+    sets = {
+        name: RetrievalSet.from_pairs(load_image_text_dataset(key=name, **dataset_arguments(spec, 0)))
+        for name, spec in eval_specs(cfg).items()
+    }
+    prompts = prompts_for_sets(cfg, sets, train_captions=None)
+    assert list(prompts) == ["de"]
+    assert set(prompts["de"].sources.values()) == {"own_captions"}  # its own captions: data.train has no labels here
+    coded = build_class_prompts(
+        "data.eval.languages.de", ["0", "1"], caption_templates=None, label_names=None, own_captions=None, train_captions=None
+    )
+    assert "set data.eval.languages.de.caption_templates" in coded.warning
