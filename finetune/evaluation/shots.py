@@ -43,7 +43,7 @@ from finetune.config.schema import DatasetSpec, RecipeConfig
 from finetune.errors import ConfigError
 from finetune.io import atomic_open, atomic_write_text
 from finetune.runfolder import CHECKPOINTS, EVAL, RESULTS_JSON
-from finetune.timing import machine
+from finetune.timing import available_cores, machine
 
 # The step budget of a cell: SHOT_EPOCHS passes over its images (k x C, fewer where a class is short), at
 # most MAX_STEPS optimizer steps, with the recipe's batch capped at the number of images. While k x C fits in
@@ -220,7 +220,7 @@ class CellRunner:
                 extra = cell_overrides(self.cfg, run_dir, k, seed, steps, batch, zero_shot=measure_zero_shot)
                 self.train(load_config(self.recipe, [*self.overrides, *extra]))
         except BaseException:
-            progress.write(f"cell k={k} seed={seed} stopped; what its run printed is in {log_path}")
+            progress.write(f"cell k={k} seed={seed} stopped; what its run printed is in {log_path}", file=sys.stderr)
             raise
         results = json.loads((run_dir / EVAL / RESULTS_JSON).read_text())
         if measure_zero_shot:
@@ -268,11 +268,20 @@ class CellRunner:
         """(N, D) L2-normalised base-model image embeddings of a set's readable images, and their labels."""
         import torch.nn.functional as F
 
+        from data_tools.pipeline import default_num_workers
         from finetune.evaluation.evaluate import embed_retrieval_set
 
         model, processor, max_text_length = self.base()
+        workers = self.cfg.data.num_workers
         emb = embed_retrieval_set(
-            model, processor, rset, batch_size=self.cfg.eval.batch_size, max_text_length=max_text_length, name=name, desc=f"probe: {name}"
+            model,
+            processor,
+            rset,
+            batch_size=self.cfg.eval.batch_size,
+            max_text_length=max_text_length,
+            num_workers=default_num_workers(available_cores(), 1) if workers == "auto" else workers,
+            name=name,
+            desc=f"probe: {name}",
         )
         features = F.normalize(emb["image_emb"].float(), dim=-1).numpy()  # (N_valid, D)
         labels = [label for label, ok in zip(rset.labels, emb["image_valid"].tolist()) if ok]

@@ -178,6 +178,20 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path, tiny_clip_dir, capsys, 
     assert message in err and "Traceback" not in err
 
 
+def test_ctrl_c_says_how_to_resume(tmp_path, tiny_clip_dir, capsys, monkeypatch):
+    import finetune.train
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune.train, "run", interrupted)
+    recipe, out = write_recipe(tmp_path, tiny_clip_dir), tmp_path / "study"
+    assert main(["study", "shots", str(recipe), "--shots", "2,1", "--seeds", "1", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "cell k=1 seed=0 stopped" in err and "the same command resumes the study" in err
+    assert f"domainclip study shots {recipe} --shots 1,2 --seeds 1 --out {out}" in err
+
+
 def test_the_study_end_to_end(tmp_path, tiny_clip_dir, capsys, monkeypatch):
     monkeypatch.setattr("finetune.evaluation.shots.SHOT_EPOCHS", 5)  # the artifacts are the point here, not the numbers
     recipe, out = write_recipe(tmp_path, tiny_clip_dir), tmp_path / "study"
