@@ -22,11 +22,10 @@ from functools import partial
 from pathlib import Path
 
 from finetune.quiet import quiet_third_party_notices
-from finetune.threads import set_cpu_threads, wait_passively_unless_told
+from finetune.threads import set_cpu_threads
 from finetune.timing import available_cores
 
 quiet_third_party_notices()  # before peft imports bitsandbytes
-wait_passively_unless_told()  # before torch loads OpenMP, which reads OMP_WAIT_POLICY once (finetune/threads.py)
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
@@ -824,9 +823,9 @@ def several_processes_on_cpu() -> bool:
 
 def share_cpu_threads() -> str | None:
     """On CPU, torch's threads as finetune/threads.py chooses them: the cores other processes leave free, shared
-    among the local processes (OpenMP already told to wait passively, at the top of this file). `accelerate
-    launch` without a config sets OMP_NUM_THREADS=1, which would use one core of many: that 1 is not taken as
-    the user's choice; DOMAINCLIP_NUM_THREADS or any other OMP_NUM_THREADS wins. Returns the line to print."""
+    among the local processes. `accelerate launch` without a config sets OMP_NUM_THREADS=1, which would use
+    one core of many: that 1 is not taken as the user's choice; DOMAINCLIP_NUM_THREADS or any other
+    OMP_NUM_THREADS wins. Returns the line to print."""
     if torch.cuda.is_available():
         return None
     return set_cpu_threads().describe()

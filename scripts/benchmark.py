@@ -12,7 +12,7 @@ configuration (peak resident set size of the training steps, Linux `VmHWM` after
 what the interpreter held before the model existed).
 
 Entries: step_overhead, mfu_fp32, mfu_bf16, attention_kernels, memory, gradcache_memory, data_pipeline,
-embedding_throughput, faiss (full run only).
+embedding_throughput, contended_step (quick and full runs), faiss (full run only).
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ import argparse
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
-from finetune import timing
+from finetune import threads, timing
 from finetune.quiet import quiet_third_party_notices
 from finetune.timing import side_by_side
 
@@ -48,12 +50,33 @@ SHAPES = {
     "vit-b32-2layer": (768, 2, 12, 3072, 32, 224, 512, 2, 8, 2048, 512),
     "tiny": (32, 2, 2, 64, 8, 32, 32, 2, 2, 64, 32),
 }
+# contended_step: the demo recipe's model and batch; steps per timed call, calls per worker while busy and
+# while idle (idle calls are short, and idle differences small: more of them)
+CONTENDED = dict(model="demo", batch=128, steps=4, rounds=5, idle_rounds=11, competitor_n=512)
 SETTINGS = {  # mode -> what each entry runs
     "full": dict(
-        shape="vit-b32", batch=8, steps=3, micro=2, memory_batch=8, pipeline_images=32, embed_batch=16, faiss=(100_000, 1_000_000)
+        shape="vit-b32",
+        batch=8,
+        steps=3,
+        micro=2,
+        memory_batch=8,
+        pipeline_images=32,
+        embed_batch=16,
+        contended=CONTENDED,
+        faiss=(100_000, 1_000_000),
     ),
-    "quick": dict(shape="vit-b32-2layer", batch=16, steps=4, micro=2, memory_batch=16, pipeline_images=24, embed_batch=32, faiss=()),
-    "tiny": dict(shape="tiny", batch=8, steps=2, micro=2, memory_batch=8, pipeline_images=4, embed_batch=8, faiss=()),
+    "quick": dict(
+        shape="vit-b32-2layer",
+        batch=16,
+        steps=4,
+        micro=2,
+        memory_batch=16,
+        pipeline_images=24,
+        embed_batch=32,
+        contended=CONTENDED | dict(rounds=3, idle_rounds=7),
+        faiss=(),
+    ),
+    "tiny": dict(shape="tiny", batch=8, steps=2, micro=2, memory_batch=8, pipeline_images=4, embed_batch=8, contended=None, faiss=()),
 }
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "mlp.fc1", "mlp.fc2")
 
@@ -636,6 +659,213 @@ def demo_r1_by_precision(num_images: int) -> dict[str, float]:
     return out
 
 
+# --- contended_step: the CPU thread policy on a machine another process keeps busy (finetune/threads.py)
+
+WORKER_LINE = "contended_step "  # a worker's replies start with this; anything else on its stdout is not for us
+# What a second training looks like to the scheduler: busy, torch's default threads, spinning at barriers.
+COMPETITOR = """
+import torch
+a = torch.randn({n}, {n})
+a @ a
+print("ready", flush=True)
+while True:
+    a @ a
+"""
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment of a run nobody tuned: no thread or wait settings, CPU only (GPU runs keep their settings)."""
+    unset = ("OMP_NUM_THREADS", "DOMAINCLIP_NUM_THREADS", "MKL_NUM_THREADS", "LOCAL_WORLD_SIZE", "ACCELERATE_DYNAMO_BACKEND")
+    env = {k: v for k, v in os.environ.items() if k not in (*unset, *threads.WAIT_SETTINGS)}
+    return env | {"CUDA_VISIBLE_DEVICES": ""} | extra
+
+
+class StepWorker:
+    """A process that trains the demo model (the toolkit's step: Accelerate, LoRA, its loss, fused AdamW) under one
+    thread policy, chosen when it starts as finetune/train.py chooses it, and times `n` steps when asked.
+
+    A process per policy because OpenMP reads its wait policy once, when torch loads it."""
+
+    def __init__(self, policy: str, spec: dict, env: dict[str, str], log: Path):
+        self.log = log
+        command = [sys.executable, __file__, f"--step-worker={policy}", "--worker-spec", json.dumps(spec)]
+        with open(log, "w") as stderr:
+            self.proc = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=ROOT
+            )
+        self.choice = self._reply()  # threads, wait policy, load seen: after the model is built and warm
+        self.threads = self.choice["threads"]
+
+    def _reply(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(WORKER_LINE):
+                return json.loads(line[len(WORKER_LINE) :])
+        raise RuntimeError(f"contended_step worker ended (exit {self.proc.wait()}):\n{self.log.read_text()[-2000:]}")
+
+    def steps(self, n: int, follow: bool = True) -> float:
+        """Seconds per step over n steps (`threads` then holds the thread count at their end); `follow`: a
+        following worker steps its ThreadFollower (else: the same process without it, for its cost)."""
+        self.proc.stdin.write(f"{n} {int(follow)}\n")
+        self.proc.stdin.flush()
+        reply = self._reply()
+        self.threads = reply["threads"]
+        return reply["s_per_step"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def step_worker(policy: str, spec: dict) -> int:
+    """The worker's side: choose threads (new: as finetune/train.py does; following: that, and a ThreadFollower
+    stepped after every step; old: torch's default), build, warm up, then time steps on request (stdin: a step
+    count per line; stdout: seconds per step)."""
+    choice = threads.set_cpu_threads() if policy in ("new", "following") else None
+    follower = threads.ThreadFollower(choice) if policy == "following" else None
+    if spec["model"] == "demo":
+        model, size = load_demo(), 32
+    else:
+        model, size = build_clip(spec["model"], len(build_processor(32).tokenizer)), SHAPES[spec["model"]][5]
+    processor = build_processor(size)
+    train_step = toolkit_step_fn(add_lora(model), collated_batch(processor, spec["batch"], size), "no")
+
+    def step():
+        train_step()
+        if follower is not None:
+            follower.step()
+
+    step()
+    step()
+    ready = {
+        "threads": torch.get_num_threads(),
+        "openmp_wait": threads.wait_setting(os.environ) or "default",
+        "other_load_at_start": None if choice is None or choice.other_load is None else round(choice.other_load, 2),
+    }
+    print(WORKER_LINE + json.dumps(ready), flush=True)
+    for line in sys.stdin:
+        n, follow = (int(x) for x in line.split())
+        if follower is not None:
+            follower.restart()  # idle since the last call while the other workers ran: not load to follow
+        start = time.perf_counter()
+        for _ in range(n):
+            (step if follow else train_step)()
+        reply = {"s_per_step": (time.perf_counter() - start) / n, "threads": torch.get_num_threads()}
+        print(WORKER_LINE + json.dumps(reply), flush=True)
+    return 0
+
+
+def start_competitor(n: int, env: dict[str, str], *, own_session: bool) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", COMPETITOR.format(n=n)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=own_session,
+    )
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"contended_step: the competing process ended (exit {proc.wait()})")
+    return proc
+
+
+def bench_contended_step(s: dict) -> dict:
+    """Training steps/s of the demo recipe's model under the old thread policy (torch's default threads) and the
+    new one (finetune/threads.py), idle and then beside one busy process (a torch matmul loop with its own default
+    threads, in a session of its own like another user's job), each phase's workers interleaved call by call.
+
+    Workers, one process each (OpenMP reads its settings once): old; new (threads from the load at its start, as
+    finetune/train.py sets them); following (new, and a ThreadFollower stepped after every step); passive (new,
+    OMP_WAIT_POLICY=PASSIVE: the alternative measured and rejected); one_thread (idle only: would fewer threads
+    do for a model this small?); new_started_busy (started beside the competitor: it sees the load)."""
+    spec = s["contended"]
+    n, rounds = spec["steps"], spec["rounds"]
+    worker_spec = {"model": spec["model"], "batch": spec["batch"]}
+    others_before = threads.other_processes_load(1.0)
+    load_before = load_average()
+    workers: dict[str, StepWorker] = {}
+    competitor = None
+
+    def start(name: str, policy: str = "new", **env: str) -> None:  # one at a time: no start-up in a load sample
+        workers[name] = StepWorker(policy, worker_spec, worker_env(**env), Path(tmp, f"{name}.log"))
+
+    def timed(names: list[str], repeats: int) -> tuple[dict[str, float], dict[str, int]]:
+        """Median seconds per step of each worker, and its threads at the end. "following_off": the following
+        worker's process with its follower not stepped (the one thing that differs from `old` on an idle machine)."""
+        calls = {
+            name: (lambda w=workers[name.removesuffix("_off")], follow=not name.endswith("_off"): w.steps(n, follow)) for name in names
+        }
+        times = side_by_side(calls, repeats=repeats, warmup=0)
+        return {name: statistics.median(t) / n for name, t in times.items()}, {
+            name: workers[name.removesuffix("_off")].threads for name in names
+        }
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            start("old", "old")
+            start("new")
+            start("following", "following")
+            start("passive", OMP_WAIT_POLICY="PASSIVE")
+            start("one_thread", DOMAINCLIP_NUM_THREADS="1")
+            idle, idle_threads = timed(["old", "new", "following", "following_off", "passive", "one_thread"], spec["idle_rounds"])
+            workers["one_thread"].close()
+            competitor = start_competitor(spec["competitor_n"], worker_env(), own_session=True)
+            time.sleep(1.0)
+            start("new_started_busy")
+            busy, busy_threads = timed(["old", "new", "following", "passive", "new_started_busy"], rounds)
+        finally:
+            if competitor is not None:
+                competitor.kill()
+                competitor.wait()
+            for worker in workers.values():
+                worker.close()
+    per_s = lambda times: {k: round(1 / v, 3) for k, v in times.items()}
+    ratios = {
+        "old": idle["old"] / busy["old"],
+        "new_started_busy": idle["new"] / busy["new_started_busy"],
+        "new_started_idle": idle["new"] / busy["new"],
+        "following": idle["following"] / busy["following"],
+        "passive": idle["passive"] / busy["passive"],
+    }
+    # Idle, old and new set torch and OpenMP alike (threads_idle, choices_at_start): what differs is the follower's
+    # looks, compared within one process; processes set up alike differ by several percent (new vs old).
+    idle_ratio = idle["following_off"] / idle["following"]
+    return entry(
+        "contended_step",
+        model={"name": "demo base" if spec["model"] == "demo" else spec["model"], "lora": "rank 8, attention + MLP, both towers"},
+        batch=spec["batch"],
+        precision="fp32",
+        measured={
+            "idle_steps_per_s": per_s(idle),
+            "busy_steps_per_s": per_s(busy),
+            "busy_over_idle": {k: round(v, 3) for k, v in ratios.items()},
+            "new_idle_over_old_idle": round(idle_ratio, 3),
+            "new_idle_over_old_idle_across_processes": round(idle["old"] / idle["new"], 3),
+            "over_old_idle": {k: round(idle["old"] / v, 3) for k, v in idle.items()},
+            "over_old_busy": {k: round(busy["old"] / v, 3) for k, v in busy.items()},
+            "threads_idle": idle_threads,
+            "threads_busy": busy_threads,
+            "choices_at_start": {name: w.choice for name, w in workers.items()},
+            "competitor": f"torch {spec['competitor_n']}x{spec['competitor_n']} matmul loop, torch's default threads and OpenMP wait, "
+            "its own session",
+            "other_load_before": None if others_before is None else round(others_before, 2),
+            "load_average_before": load_before,
+            "steps_per_call": n,
+            "calls": {"idle": spec["idle_rounds"], "busy": rounds},
+            "machine": timing.machine(),
+        },
+        ratio=ratios["new_started_busy"],
+        target="new policy: busy/idle steps/s >= 0.6, idle >= 0.95x the old policy's (its follower's cost, in one process)",
+        met=ratios["new_started_busy"] >= 0.6 and idle_ratio >= 0.95,
+        notes="ratio: busy/idle of the new policy as finetune/train.py sets it (a run started beside the busy process over "
+        "one started idle); following: with a ThreadFollower stepped every step; old: torch's default threads and OpenMP "
+        "wait; medians of the interleaved calls",
+    )
+
+
 def clustered_vectors(n: int, dim: int, rng, clusters: int = 1000, rank: int = 24) -> np.ndarray:
     """Embedding-like data: clusters whose members vary along a few directions of their own
     (low intrinsic dimension, like real image embeddings), plus a little isotropic noise; unit rows."""
@@ -748,6 +978,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip", nargs="*", default=[], help="entries to leave out (e.g. faiss embedding_throughput)")
     parser.add_argument("--table", default=None, metavar="JSON", help="print a saved run as the README's markdown table")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--step-worker", choices=("old", "new", "following"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-spec", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -759,6 +991,8 @@ def main(argv=None) -> int:
     if args.memory_probe:
         print(json.dumps(memory_probe(json.loads(args.memory_probe))))
         return 0
+    if args.step_worker:
+        return step_worker(args.step_worker, json.loads(args.worker_spec))
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     s = SETTINGS[mode]
     shape = s["shape"]
@@ -776,11 +1010,12 @@ def main(argv=None) -> int:
         ("gradcache_memory", lambda: bench_gradcache_memory(s, shape)),
         ("data_pipeline", lambda: bench_data_pipeline(s, model_rate, SHAPES[shape][5])),
         ("embedding_throughput", lambda: bench_embedding(s, processor, shape)),
+        ("contended_step", lambda: bench_contended_step(s)),
         ("faiss", lambda: bench_faiss(s["faiss"])),
     ]
     model_rate = None
     for name, job in tqdm(jobs, desc="benchmark"):
-        if name in args.skip or (name == "faiss" and not s["faiss"]):
+        if name in args.skip or (name == "faiss" and not s["faiss"]) or (name == "contended_step" and not s["contended"]):
             continue
         job_start = time.time()
         result = job()

@@ -622,19 +622,20 @@ def test_cpu_runs_use_the_cores_accelerate_launch_would_leave_idle(monkeypatch):
     before = torch.get_num_threads()
     try:
         cores = len(os.sched_getaffinity(0))
+        monkeypatch.setattr("finetune.threads.other_processes_load", lambda **_: 0.0)  # an idle machine (finetune/threads.py)
         monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # launched by `accelerate launch`
         monkeypatch.setenv("OMP_NUM_THREADS", "1")  # its default when no config says otherwise
         monkeypatch.delenv("DOMAINCLIP_NUM_THREADS", raising=False)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
         torch.set_num_threads(1)
-        train.use_all_cores_on_cpu()
+        train.share_cpu_threads()
         assert torch.get_num_threads() == cores
         monkeypatch.setenv("DOMAINCLIP_NUM_THREADS", "1")  # the user's own choice wins
-        train.use_all_cores_on_cpu()
+        train.share_cpu_threads()
         assert torch.get_num_threads() == 1
         monkeypatch.delenv("DOMAINCLIP_NUM_THREADS")
         monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")  # plain python with OMP_NUM_THREADS=1: the user's setting
-        train.use_all_cores_on_cpu()
+        train.share_cpu_threads()
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -23,10 +23,8 @@ import sys
 
 from finetune.cli import data, export, index, mine, push, search, serve, study, train, validate
 from finetune.errors import DomainClipError
-from finetune.threads import wait_passively_unless_told
 
 COMMANDS = (train, validate, data, mine, export, index, search, serve, push, study)  # the order of a project, then studies
-TRAINING_COMMANDS = ("train", "study")  # CPU threads that share a busy machine (finetune/threads.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,8 +44,6 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    if args.command in TRAINING_COMMANDS:
-        wait_passively_unless_told()  # before the command imports torch: OpenMP reads OMP_WAIT_POLICY once
     try:
         return args.run(args)
     except DomainClipError as exc:
