@@ -1,6 +1,6 @@
 """Performance benchmarks: one JSON document with the machine, every figure, its target and whether it is met.
 
-    python scripts/benchmark.py --quick --out runs/benchmark-quick.json   # about 2 minutes on 2 CPU cores
+    python scripts/benchmark.py --quick --out runs/benchmark-quick.json   # about 2 minutes on 2 CPU cores, +1.5 contended_step
     python scripts/benchmark.py --out runs/benchmark.json                 # the full run (under 20 minutes)
 
 Every comparison is a ratio of two things measured side by side in this run, on this machine,
@@ -758,6 +758,20 @@ def step_worker(policy: str, spec: dict) -> int:
     return 0
 
 
+def cpu_jiffies() -> list[int]:
+    """The machine's CPU time so far by kind (/proc/stat: user nice system idle iowait irq softirq steal); [] off Linux."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return []
+
+
+def steal_share(before: list[int], after: list[int]) -> float | None:
+    """The share of CPU time the hypervisor gave to other guests between two `cpu_jiffies` (a busy host, not us)."""
+    spent = [b - a for a, b in zip(before, after)]
+    return round(spent[7] / sum(spent), 3) if len(spent) == 8 and sum(spent) else None
+
+
 def start_competitor(n: int, env: dict[str, str], *, own_session: bool) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-c", COMPETITOR.format(n=n)],
@@ -810,12 +824,16 @@ def bench_contended_step(s: dict) -> dict:
             start("following", "following")
             start("passive", OMP_WAIT_POLICY="PASSIVE")
             start("one_thread", DOMAINCLIP_NUM_THREADS="1")
+            jiffies = [cpu_jiffies()]
             idle, idle_threads = timed(["old", "new", "following", "following_off", "passive", "one_thread"], spec["idle_rounds"])
+            jiffies.append(cpu_jiffies())
             workers["one_thread"].close()
             competitor = start_competitor(spec["competitor_n"], worker_env(), own_session=True)
             time.sleep(1.0)
             start("new_started_busy")
+            jiffies.append(cpu_jiffies())
             busy, busy_threads = timed(["old", "new", "following", "passive", "new_started_busy"], rounds)
+            jiffies.append(cpu_jiffies())
         finally:
             if competitor is not None:
                 competitor.kill()
@@ -852,6 +870,7 @@ def bench_contended_step(s: dict) -> dict:
             "competitor": f"torch {spec['competitor_n']}x{spec['competitor_n']} matmul loop, torch's default threads and OpenMP wait, "
             "its own session",
             "other_load_before": None if others_before is None else round(others_before, 2),
+            "steal_share": {"idle": steal_share(*jiffies[0:2]), "busy": steal_share(*jiffies[2:4])},
             "load_average_before": load_before,
             "steps_per_call": n,
             "calls": {"idle": spec["idle_rounds"], "busy": rounds},
@@ -972,7 +991,9 @@ def markdown_table(doc: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2-layer towers, fewer steps: about 2 minutes on 2 CPU cores")
+    parser.add_argument(
+        "--quick", action="store_true", help="2-layer towers, fewer steps: about 2 minutes on 2 CPU cores, +1.5 contended_step"
+    )
     parser.add_argument("--tiny", action="store_true", help="the tiniest setting (the test suite's): seconds, numbers meaningless")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--skip", nargs="*", default=[], help="entries to leave out (e.g. faiss embedding_throughput)")

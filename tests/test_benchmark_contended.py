@@ -36,4 +36,4 @@ def test_contended_step_measures_both_policies_idle_and_busy():
     assert choices["old"]["openmp_wait"] == "default" and choices["old"]["other_load_at_start"] is None
     assert choices["passive"]["openmp_wait"] == "OMP_WAIT_POLICY=PASSIVE" and choices["one_thread"]["threads"] == 1
     assert choices["new_started_busy"]["other_load_at_start"] is not None
-    assert {"cpu", "isa", "cores"} <= set(m["machine"])
+    assert {"cpu", "isa", "cores"} <= set(m["machine"]) and set(m["steal_share"]) == {"idle", "busy"}
