@@ -166,8 +166,8 @@ def prompts_for_sets(cfg, sets: dict, train_captions: dict[str, list[str]] | Non
     results.json names them: target, source, a language code), from the recipe `cfg`'s eval specs."""
     from finetune.config.specs import dataset_specs, eval_set_name
 
-    keys = {eval_set_name(k): k for k in dataset_specs(cfg, replay=False) if k.startswith("data.eval.")}
     specs = dataset_specs(cfg, replay=False)
+    keys = {eval_set_name(k): k for k in specs if k.startswith("data.eval.")}
     out = {}
     for name, rset in sets.items():
         if rset.labels is None:
